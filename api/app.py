@@ -1,0 +1,51 @@
+"""The Starlette application: routes, middleware, error mapping, lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api import bitgo, health, internal, openapi
+from api.errors import EXCEPTION_HANDLERS
+from api.observability import ObservabilityMiddleware, configure_logging
+from api.runtime import Runtime
+from api.settings import Settings
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The gateway for ``settings``; engines and Redis open in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime = Runtime.start(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    routes = [*bitgo.routes(), *internal.routes(), *health.routes()]
+    document = openapi.document(routes)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(document)
+
+    routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(ObservabilityMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+
+
+def from_env() -> Starlette:
+    """Factory for ``uvicorn --factory``: settings from the environment."""
+    configure_logging()
+    return create_app(Settings.from_env())

@@ -1,0 +1,224 @@
+"""The ``oes-partner`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from api.settings import SettingsError
+
+T = TypeVar("T")
+
+
+def _database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if not url:
+        raise SettingsError("DATABASE_URL is required and not set")
+    return url
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    from models.db import session_factory, sync_engine
+
+    engine = sync_engine(_database_url(), pool_size=1)
+    try:
+        with session_factory(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _in_session(action: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    with _session() as session:
+        return action(session, *args, **kwargs)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.settings import Settings
+
+    Settings.from_env()  # refuse to start on a bad setting, with one clear line
+    uvicorn.run(
+        "api.app:from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=False,
+        log_config=None,
+    )
+    return 0
+
+
+def cmd_standalone(args: argparse.Namespace) -> int:
+    from api.standalone import run
+
+    return run(data_dir=Path(args.data_dir), host=args.host, port=args.port)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from models.migrate import upgrade
+
+    upgrade(_database_url(), args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def cmd_issue_token(args: argparse.Namespace) -> int:
+    from models import connections
+
+    issued = _in_session(
+        connections.issue_token,
+        partners_client_id=args.partners_client_id,
+        ttl=timedelta(seconds=args.ttl),
+    )
+    print(f"connectionToken: {issued.token}")
+    print(f"partnersClientId: {issued.partners_client_id}")
+    print(f"expiresAt: {issued.expires_at.isoformat()}")
+    return 0
+
+
+def cmd_connections_list(args: argparse.Namespace) -> int:
+    from models import connections
+
+    rows = _in_session(connections.listing)
+    print(f"{'connectionId':36}  {'partnersConnectionId':36}  {'partnersClientId':20}  active")
+    for r in rows:
+        print(
+            f"{r.connection_id!s:36}  {r.partners_connection_id:36}  "
+            f"{r.partners_client_id:20}  {'yes' if r.active else 'no'}"
+        )
+    print(f"{len(rows)} connection(s)")
+    return 0
+
+
+def cmd_set_active(args: argparse.Namespace) -> int:
+    from models import connections
+    from models.errors import NotFound
+
+    try:
+        record = _in_session(connections.set_active, args.id, active=args.active)
+    except NotFound as exc:
+        print(f"oes-partner: {exc.message}: {args.id}", file=sys.stderr)
+        return 1
+    state = "active" if record.active else "inactive"
+    print(f"connection {record.connection_id} ({record.partners_connection_id}) is {state}")
+    return 0
+
+
+def cmd_transfers_list(args: argparse.Namespace) -> int:
+    from models import transfers
+    from models.states import Kind, Status
+
+    rows = _in_session(
+        transfers.listing,
+        status=Status(args.status) if args.status else None,
+        kind=Kind(args.kind) if args.kind else None,
+        limit=args.limit,
+    )
+    for r in rows:
+        reason = f"  ({r.rejection_reason})" if r.rejection_reason else ""
+        print(
+            f"{r.created_at.isoformat(timespec='seconds')}  {r.kind.value:12}  "
+            f"{r.transfer_id}  {r.status.value:8}  {r.quantity} {r.currency}  "
+            f"{r.partners_connection_id}{reason}"
+        )
+    print(f"{len(rows)} transfer(s)")
+    return 0
+
+
+def cmd_ledger_check(args: argparse.Namespace) -> int:
+    from models import ledger
+
+    report = _in_session(ledger.check)
+    for problem in report.problems:
+        print(f"DRIFT {problem}")
+    verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"ledger check: {report.accounts} account(s), {report.entries} entries, {verdict}")
+    return 0 if report.ok else 1
+
+
+def cmd_dev_jwt(args: argparse.Namespace) -> int:
+    from api.devkeys import sign
+
+    print(sign(Path(args.key).read_bytes(), lifetime=args.lifetime))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="oes-partner", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the web process (settings from the environment)")
+    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))  # noqa: S104 - a server's job is to listen
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")))
+    serve.set_defaults(func=cmd_serve)
+
+    standalone = sub.add_parser("standalone", help="everything on one machine, no set-up")
+    standalone.add_argument("--data-dir", default=os.environ.get("OES_DATA_DIR", ".oes-data"))
+    standalone.add_argument("--host", default="127.0.0.1")
+    standalone.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    standalone.set_defaults(func=cmd_standalone)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
+    up = db.add_parser("upgrade", help="apply migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    conns = sub.add_parser("connections", help="connection tokens and links")
+    csub = conns.add_subparsers(dest="connections", required=True)
+    issue = csub.add_parser("issue-token", help="issue a connection token for a user")
+    issue.add_argument("--partners-client-id", required=True)
+    issue.add_argument("--ttl", type=int, default=86400, help="seconds the token stays valid")
+    issue.set_defaults(func=cmd_issue_token)
+    csub.add_parser("list", help="list linked connections").set_defaults(func=cmd_connections_list)
+    for name, active in (("deactivate", False), ("activate", True)):
+        p = csub.add_parser(
+            name, help=f"{name} a connection (connectionId or partnersConnectionId)"
+        )
+        p.add_argument("id")
+        p.set_defaults(func=cmd_set_active, active=active)
+
+    trans = sub.add_parser("transfers", help="allocations and deallocations")
+    tsub = trans.add_subparsers(dest="transfers", required=True)
+    tlist = tsub.add_parser("list", help="list transfers, newest first")
+    tlist.add_argument("--status", choices=["reserved", "rejected", "cleared", "released"])
+    tlist.add_argument("--kind", choices=["allocation", "deallocation"])
+    tlist.add_argument("--limit", type=int, default=100)
+    tlist.set_defaults(func=cmd_transfers_list)
+
+    led = sub.add_parser("ledger", help="the ledger").add_subparsers(dest="ledger", required=True)
+    led.add_parser("check", help="rebuild balances from entries and compare").set_defaults(
+        func=cmd_ledger_check
+    )
+
+    dev = sub.add_parser("dev-jwt", help="print a BitGo-style JWT signed with a development key")
+    dev.add_argument("--key", default=str(Path(".oes-data") / "bitgo-dev-private.pem"))
+    dev.add_argument("--lifetime", type=int, default=60)
+    dev.set_defaults(func=cmd_dev_jwt)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"oes-partner: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.bitgo import runtime
+from api.observability import OUTBOX_BACKLOG, STALE_RESERVATIONS, TRANSFERS
+from models.states import Kind, Status
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    rt = runtime(request)
+    checks: dict[str, str] = {}
+    try:
+        async with rt.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means not ready, whatever its type
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        await rt.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # any failure means not ready, whatever its type
+        checks["redis"] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+_GAUGES = text(
+    """
+    SELECT 'transfers' AS what, kind, status, count(*) FROM transfers GROUP BY kind, status
+    UNION ALL
+    SELECT 'outbox', NULL, NULL, count(*) FROM outbox WHERE status = 'pending'
+    UNION ALL
+    SELECT 'stale', NULL, NULL, count(*) FROM transfers
+     WHERE status = 'reserved' AND updated_at < now() - make_interval(secs => :stale_after)
+    """
+)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text; the state gauges are read from the database at scrape time."""
+    rt = runtime(request)
+    async with rt.engine.connect() as conn:
+        rows: list[Any] = list(
+            await conn.execute(_GAUGES, {"stale_after": rt.settings.stale_after})
+        )
+    counts = {(k, s): 0 for k in Kind for s in Status}
+    for what, kind, status, count in rows:
+        if what == "transfers":
+            counts[(Kind(kind), Status(status))] = count
+        elif what == "outbox":
+            OUTBOX_BACKLOG.set(count)
+        else:
+            STALE_RESERVATIONS.set(count)
+    for (kind, status), count in counts.items():
+        TRANSFERS.labels(kind.value, status.value).set(count)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]

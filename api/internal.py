@@ -1,0 +1,139 @@
+"""Exchange-facing routes under /internal/v1, guarded by OES_INTERNAL_TOKEN."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from datetime import datetime, timedelta
+from functools import wraps
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api import bodies
+from api.bitgo import Endpoint, iso, render_transfer, runtime
+from api.errors import BadRequest, Unauthorized
+from models import connections, transfers
+from models.states import Kind, Status
+
+MAX_PAGE = 500
+E = TypeVar("E", Status, Kind)
+
+
+def internal(endpoint: Endpoint) -> Endpoint:
+    """Refuse the call with 401 unless it carries ``Authorization: Bearer $OES_INTERNAL_TOKEN``."""
+
+    @wraps(endpoint)
+    async def checked(request: Request) -> Response:
+        expected = runtime(request).settings.internal_token.value
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), expected.encode()
+        ):
+            raise Unauthorized("Missing or wrong internal token")
+        return await endpoint(request)
+
+    return checked
+
+
+@internal
+async def issue_connection_token(request: Request) -> Response:
+    body = bodies.json_object(await bodies.read_json(request))
+    client = bodies.required_text(body, "partnersClientId", "partnerClientId")
+    rt = runtime(request)
+    issued = await rt.run(
+        connections.issue_token,
+        partners_client_id=client,
+        ttl=timedelta(seconds=rt.settings.connection_token_ttl),
+    )
+    return JSONResponse(
+        {
+            "connectionToken": issued.token,
+            "partnersClientId": issued.partners_client_id,
+            "expiresAt": iso(issued.expires_at),
+        }
+    )
+
+
+@internal
+async def get_account(request: Request) -> Response:
+    view = await runtime(request).run(connections.account, request.path_params["id"])
+    record = view.connection
+    return JSONResponse(
+        {
+            "partnersConnectionId": record.partners_connection_id,
+            "partnersClientId": record.partners_client_id,
+            "connectionId": str(record.connection_id),
+            "clientId": str(record.client_id),
+            "active": record.active,
+            "balances": {
+                currency: {
+                    "available": str(b.available),
+                    "pendingIn": str(b.pending_in),
+                    "held": str(b.held),
+                }
+                for currency, b in view.balances.items()
+            },
+        }
+    )
+
+
+def _enum_param(request: Request, name: str, enum: type[E]) -> E | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return enum(raw)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum)
+        raise BadRequest(f"{name} must be one of {choices}") from None
+
+
+def _cursor(raw: str | None) -> tuple[datetime, uuid.UUID] | None:
+    if not raw:
+        return None
+    stamp, _, ident = raw.partition("_")
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")), uuid.UUID(ident)
+    except ValueError:
+        raise BadRequest("cursor is malformed; pass back nextCursor as given") from None
+
+
+def _cursor_of(record: transfers.TransferRecord) -> str:
+    return f"{record.created_at.isoformat()}_{record.transfer_id}"
+
+
+@internal
+async def list_transfers(request: Request) -> Response:
+    params = request.query_params
+    connection_id = None
+    if params.get("connectionId"):
+        connection_id = bodies.path_uuid(params["connectionId"])
+        if connection_id is None:
+            raise BadRequest("connectionId must be a UUID")
+    raw_limit = params.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+    limit = int(raw_limit)
+    records = await runtime(request).run(
+        transfers.listing,
+        status=_enum_param(request, "status", Status),
+        kind=_enum_param(request, "kind", Kind),
+        connection_id=connection_id,
+        limit=limit,
+        after=_cursor(params.get("cursor")),
+    )
+    page = [{"kind": r.kind.value, **render_transfer(r)} for r in records]
+    next_cursor = _cursor_of(records[-1]) if len(records) == limit else None
+    return JSONResponse({"transfers": page, "nextCursor": next_cursor})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/internal/v1/connection-tokens", issue_connection_token, methods=["POST"]),
+        Route("/internal/v1/accounts/{id}", get_account, methods=["GET"]),
+        Route("/internal/v1/transfers", list_transfers, methods=["GET"]),
+    ]

@@ -1,0 +1,66 @@
+"""What the web process holds while it runs: engines, Redis, the verifier, the rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from api.settings import Settings
+from api.signatures import KeySet, Verifier
+from models.db import async_engine, async_session_factory
+from models.transfers import Rules
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker  # type: ignore[type-arg]
+    redis: Redis
+    verifier: Verifier
+    rules: Rules
+
+    @classmethod
+    def start(cls, settings: Settings) -> Runtime:
+        engine = async_engine(settings.database_url)
+        redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        )
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=async_session_factory(engine),
+            redis=redis,
+            verifier=Verifier(
+                keys=KeySet.load(settings.bitgo_public_keys),
+                redis=redis,
+                max_age=settings.jwt_max_age,
+                leeway=settings.jwt_leeway,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+            ),
+            rules=Rules(
+                currencies=settings.currencies,
+                released_repost_conflicts=settings.released_repost == "conflict",
+            ),
+        )
+
+    async def stop(self) -> None:
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+    async def run(
+        self, action: Callable[Concatenate[Session, P], T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run a domain action in one transaction, committed before the answer leaves."""
+        async with self.sessions() as session, session.begin():
+            result: Any = await session.run_sync(action, *args, **kwargs)
+            return result  # type: ignore[no-any-return]

@@ -1,0 +1,71 @@
+"""``oes-partner standalone``: the whole gateway on one machine with no set-up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from api.app import create_app
+from api.devkeys import ensure_key_pair
+from api.embedded import start_postgres, start_redis
+from api.observability import configure_logging
+from api.settings import Settings
+from models.migrate import upgrade
+
+
+def _internal_token(data_dir: Path) -> str:
+    path = data_dir / "internal-token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@contextlib.contextmanager
+def prepared(data_dir: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
+    """Environment for a full gateway, embedded servers started where URLs are unset."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    notes: list[str] = []
+    servers = []
+    try:
+        if not env.get("DATABASE_URL"):
+            env["DATABASE_URL"], pg = start_postgres(data_dir / "postgres")
+            servers.append(pg.cleanup)
+            notes.append(f"embedded PostgreSQL: {data_dir / 'postgres'}")
+        if not env.get("REDIS_URL"):
+            env["REDIS_URL"], redis = start_redis(data_dir / "redis")
+            servers.append(redis.shutdown)
+            notes.append(f"embedded Redis: {env['REDIS_URL']}")
+        if not env.get("BITGO_PUBLIC_KEYS"):
+            private, public = ensure_key_pair(data_dir)
+            env["BITGO_PUBLIC_KEYS"] = str(public)
+            notes.append(f"development BitGo key pair: private {private}, public {public}")
+        if not env.get("OES_INTERNAL_TOKEN"):
+            env["OES_INTERNAL_TOKEN"] = _internal_token(data_dir)
+            notes.append(f"internal token (OES_INTERNAL_TOKEN): {data_dir / 'internal-token'}")
+        upgrade(env["DATABASE_URL"])
+        yield env, notes
+    finally:
+        for stop in reversed(servers):
+            with contextlib.suppress(Exception):
+                stop()
+
+
+def run(*, data_dir: Path, host: str, port: int) -> int:
+    with prepared(data_dir) as (env, notes):
+        settings = Settings.from_env(env)
+        print("oes-partner standalone")
+        for note in notes:
+            print(f"  {note}")
+        print(f"  API listening on http://{host}:{port}  (OpenAPI at /openapi.json)")
+        print("  Ctrl-C stops everything", flush=True)
+        configure_logging()
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None)
+    return 0

@@ -1,0 +1,156 @@
+"""The PostgreSQL schema, as SQLAlchemy Core tables."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+# Base units of any currency fit in 78 digits (2**256 has 78).
+Amount = Numeric(78, 0, asdecimal=True)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+connections = Table(
+    "connections",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("partners_connection_id", Text, nullable=False, unique=True),
+    Column("partners_client_id", Text, nullable=False),
+    Column("connection_id", Uuid, nullable=False, unique=True),
+    Column("client_id", Uuid, nullable=False),
+    Column("client_wallet_id", Text),
+    Column("active", Boolean, nullable=False, server_default=text("true")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+connection_tokens = Table(
+    "connection_tokens",
+    metadata,
+    # Only a SHA-256 of the token is kept: a database dump must not link accounts.
+    Column("token_sha256", Text, primary_key=True),
+    Column("partners_client_id", Text, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("connection_pk", BigInteger, ForeignKey("connections.id"), unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("used_at", DateTime(timezone=True)),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("connection_pk", BigInteger, ForeignKey("connections.id"), nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("available", Amount, nullable=False, server_default=text("0")),
+    Column("pending_in", Amount, nullable=False, server_default=text("0")),
+    Column("held", Amount, nullable=False, server_default=text("0")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("connection_pk", "currency"),
+    CheckConstraint("available >= 0", name="available_non_negative"),
+    CheckConstraint("pending_in >= 0", name="pending_in_non_negative"),
+    CheckConstraint("held >= 0", name="held_non_negative"),
+)
+
+transfers = Table(
+    "transfers",
+    metadata,
+    # BitGo's allocationId or deallocationId: ONE unique index for both kinds,
+    # so an id can never be an allocation and a deallocation.
+    Column("id", Uuid, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("partners_transfer_id", Uuid, nullable=False),
+    Column("connection_pk", BigInteger, ForeignKey("connections.id")),
+    Column("currency", Text, nullable=False),
+    Column("quantity", Amount, nullable=False),
+    Column("client_id", Uuid, nullable=False),
+    Column("connection_id", Uuid, nullable=False),
+    Column("partners_client_id", Text, nullable=False),
+    Column("partners_connection_id", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("rejection_reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('allocation', 'deallocation')", name="kind"),
+    CheckConstraint("status IN ('reserved', 'rejected', 'cleared', 'released')", name="status"),
+    CheckConstraint("quantity > 0", name="quantity_positive"),
+    CheckConstraint(
+        "(status = 'rejected') = (rejection_reason IS NOT NULL)", name="rejection_reason"
+    ),
+    CheckConstraint(
+        "status = 'rejected' OR connection_pk IS NOT NULL", name="reserved_has_account"
+    ),
+    Index("ix_transfers_status_updated_at", "status", "updated_at"),
+    Index("ix_transfers_connection_id", "connection_id"),
+)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    # The entries of one posting share a posting id and sum to zero.
+    Column("posting_id", Uuid, nullable=False),
+    Column("connection_pk", BigInteger, ForeignKey("connections.id"), nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("account", Text, nullable=False),
+    Column("amount", Amount, nullable=False),
+    Column("transfer_id", Uuid, ForeignKey("transfers.id")),
+    Column("trade_external_id", Text),
+    Column("reason", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("amount <> 0", name="amount_non_zero"),
+    CheckConstraint(
+        "account IN ('available', 'pending_in', 'held', 'network_clearing', 'trading')",
+        name="account",
+    ),
+    Index("ix_ledger_entries_connection_pk_currency", "connection_pk", "currency"),
+    Index("ix_ledger_entries_transfer_id", "transfer_id"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("topic", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("delivered_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('pending', 'delivered', 'delivered_locally', 'dead')", name="status"
+    ),
+    Index(
+        "ix_outbox_pending",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+    ),
+)
