@@ -6,7 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import psycopg
 from redis.asyncio import Redis
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -16,6 +18,8 @@ from models.db import async_engine, async_session_factory
 from models.transfers import Rules
 
 P = ParamSpec("P")
+_ATTEMPTS = 3
+_TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 T = TypeVar("T")
 
 
@@ -60,7 +64,17 @@ class Runtime:
     async def run(
         self, action: Callable[Concatenate[Session, P], T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run a domain action in one transaction, committed before the answer leaves."""
-        async with self.sessions() as session, session.begin():
-            result: Any = await session.run_sync(action, *args, **kwargs)
-            return result  # type: ignore[no-any-return]
+        """Run a domain action in one transaction, committed before the answer leaves.
+
+        A deadlock or serialization failure rolls everything back, so the action
+        is simply run again from the start.
+        """
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                async with self.sessions() as session, session.begin():
+                    result: Any = await session.run_sync(action, *args, **kwargs)
+                    return result  # type: ignore[no-any-return]
+            except DBAPIError as exc:
+                if attempt == _ATTEMPTS or not isinstance(exc.orig, _TRANSIENT):
+                    raise
+        raise AssertionError("unreachable")

@@ -113,6 +113,7 @@ def env(database_url: str, redis_url: str, keys: Keys) -> dict[str, str]:
         "BITGO_PUBLIC_KEYS": str(keys.public),
         "OES_INTERNAL_TOKEN": INTERNAL_TOKEN,
         "OES_CURRENCIES": "btc,eth,usdc",
+        "OES_LOCK_WAIT": "3",
     }
 
 

@@ -1,4 +1,4 @@
-"""SPEC §3.2: every (stored state × reserve request) cell, for both kinds, balances checked."""
+"""SPEC §3.2: every (stored state, reserve request) cell, for both kinds, balances checked."""
 
 from __future__ import annotations
 

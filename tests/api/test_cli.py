@@ -1,0 +1,128 @@
+"""The command line (SPEC §8) against the test database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.cli import main
+from tests.conftest import BitGo
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+
+def test_issue_token_prints_a_token_that_links(
+    cli_env: None, bitgo: BitGo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["connections", "issue-token", "--partners-client-id", "cli-user"]) == 0
+    out = capsys.readouterr().out
+    token = next(
+        line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("connectionToken")
+    )
+    connection_id = str(uuid.uuid4())
+    answer = bitgo.http.post(
+        "/bitgo/v1/connections",
+        json={
+            "clientId": str(uuid.uuid4()),
+            "connectionId": connection_id,
+            "connectionToken": token,
+        },
+        headers=bitgo.headers(),
+    )
+    assert answer.status_code == 200
+    assert answer.json()["partnersClientId"] == "cli-user"
+    assert main(["connections", "list"]) == 0
+    assert connection_id in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("by", ["connection_id", "partners_connection_id"])
+def test_deactivate_and_activate_by_either_id(
+    cli_env: None, bitgo: BitGo, capsys: pytest.CaptureFixture[str], by: str
+) -> None:
+    link = bitgo.link()
+    ident = getattr(link, by)
+    assert main(["connections", "deactivate", ident]) == 0
+    assert "inactive" in capsys.readouterr().out
+    rejected = bitgo.reserve("allocation", link, str(uuid.uuid4()), "5").json()
+    assert rejected["rejectionReason"] == "Connection inactive"
+    assert main(["connections", "activate", ident]) == 0
+    assert bitgo.reserve("allocation", link, str(uuid.uuid4()), "5").json()["status"] == "reserved"
+
+
+def test_deactivating_an_unknown_connection_fails(
+    cli_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["connections", "deactivate", str(uuid.uuid4())]) == 1
+    assert "Connection not found" in capsys.readouterr().err
+
+
+def test_transfers_list_filters_by_status(
+    cli_env: None, bitgo: BitGo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = bitgo.link()
+    transfer_id = str(uuid.uuid4())
+    bitgo.reserve("allocation", link, transfer_id, "5", currency="doge")
+    assert main(["transfers", "list", "--status", "rejected"]) == 0
+    out = capsys.readouterr().out
+    assert transfer_id in out
+    assert "Unsupported currency" in out
+    assert main(["transfers", "list", "--status", "cleared"]) == 0
+    assert transfer_id not in capsys.readouterr().out
+
+
+def test_ledger_check_passes_then_reports_drift(
+    cli_env: None, bitgo: BitGo, sessions: sessionmaker[Session], capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = bitgo.link()
+    bitgo.fund(link, 100)
+    assert main(["ledger", "check"]) == 0
+    assert "ok" in capsys.readouterr().out
+    tamper = text(
+        "UPDATE accounts SET available = available + :d FROM connections c "
+        "WHERE c.id = accounts.connection_pk AND c.partners_connection_id = :p"
+    )
+    with sessions.begin() as session:
+        session.execute(tamper, {"d": 1, "p": link.partners_connection_id})
+    try:
+        assert main(["ledger", "check"]) == 1
+        out = capsys.readouterr().out
+        assert "DRIFT" in out
+        assert "available is 101, entries give 100" in out
+    finally:
+        with sessions.begin() as session:
+            session.execute(tamper, {"d": -1, "p": link.partners_connection_id})
+    assert main(["ledger", "check"]) == 0
+
+
+def test_ledger_entries_cannot_be_edited(bitgo: BitGo, sessions: sessionmaker[Session]) -> None:
+    bitgo.fund(bitgo.link(), 1)
+    with pytest.raises(Exception, match="append-only"), sessions.begin() as session:
+        session.execute(text("UPDATE ledger_entries SET amount = amount * 2"))
+
+
+def test_a_missing_setting_stops_with_one_line_naming_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "oes-partner: BITGO_PUBLIC_KEYS is required and not set"
+    ]
+
+
+def test_db_upgrade_is_idempotent(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "upgrade"]) == 0
+    assert "head" in capsys.readouterr().out
