@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.devkeys import sign
 from models import ledger
-from tests.conftest import BitGo, Keys, Link, LiveServer, row_count
+from tests.conftest import BitGo, Keys, LiveServer, row_count
 
 
 @pytest.fixture

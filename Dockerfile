@@ -1,0 +1,11 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY models ./models
+COPY workers ./workers
+RUN pip install --no-cache-dir .
+RUN useradd --system --uid 10001 oes
+USER oes
+EXPOSE 8000
+CMD ["oes-partner", "serve", "--host", "0.0.0.0", "--port", "8000"]
