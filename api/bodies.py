@@ -27,7 +27,7 @@ def _refuse_constant(name: str) -> Any:
 async def read_json(request: Request) -> Any:
     """The body as JSON, at most 16 KiB; floats and NaN are kept out of reach of amounts."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
+    if re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > MAX_BODY:
         raise PayloadTooLarge("Request body exceeds 16 KiB")
     body = bytearray()
     async for chunk in request.stream():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from pathlib import Path
@@ -36,8 +37,17 @@ def ensure_key_pair(directory: Path) -> tuple[Path, Path]:
     return private, public
 
 
+@functools.lru_cache(maxsize=8)
+def _private_key(private_pem: bytes) -> rsa.RSAPrivateKey:
+    # Loading checks the key, which costs tens of milliseconds; do it once per key.
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("the BitGo signing key must be an RSA private key")
+    return key
+
+
 def sign(private_pem: bytes, *, lifetime: int = 60, **claims: object) -> str:
     """An RS256 token as BitGo makes them: fresh jti, short expiry."""
     now = int(time.time())
     payload = {"iat": now, "exp": now + lifetime, "jti": str(uuid.uuid4()), **claims}
-    return jwt.encode(payload, private_pem, algorithm="RS256")
+    return jwt.encode(payload, _private_key(private_pem), algorithm="RS256")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import uuid
 from datetime import datetime, timedelta
 from functools import wraps
@@ -115,7 +116,7 @@ async def list_transfers(request: Request) -> Response:
         if connection_id is None:
             raise BadRequest("connectionId must be a UUID")
     raw_limit = params.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
     limit = int(raw_limit)
     records = await runtime(request).run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ class _Reader:
 
     def integer(self, name: str, default: int, *, minimum: int) -> int:
         raw = self.text(name, str(default))
-        if not raw.isdigit() or int(raw) < minimum:
+        if not re.fullmatch(r"[0-9]{1,9}", raw) or int(raw) < minimum:
             raise SettingsError(
                 f"{name} must be a whole number of seconds >= {minimum}, not {raw!r}"
             )

@@ -47,6 +47,9 @@ class KeySet:
 
     def candidates(self, kid: object) -> tuple[PublicKey, ...]:
         """The keys to try for a token whose header names ``kid``."""
+        if kid is None:
+            # BitGo's tokens (jsonwebtoken, RS256) carry no kid: nothing selects, try them all.
+            return self.keys
         if isinstance(kid, str) and any(k.kid is not None for k in self.keys):
             named = tuple(k for k in self.keys if k.kid == kid)
             if named:

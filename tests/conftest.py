@@ -4,12 +4,15 @@ are set, embedded servers otherwise. Each run gets a database of its own."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +37,26 @@ from models.migrate import upgrade
 INTERNAL_TOKEN = "test-internal-token-0123456789"
 
 
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A directory outside pytest's numbered temp dirs, which other pytest runs prune."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def server_database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_database_url() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
-    url, server = start_postgres(tmp_path_factory.mktemp("postgres"))
-    yield url
-    server.cleanup()
+    with scratch_dir("oes-test-pg-") as data:
+        url, server = start_postgres(data / "postgres")
+        yield url
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +76,15 @@ def database_url(server_database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url() -> Iterator[str]:
     url = os.environ.get("REDIS_URL")
     if url:
         yield url
         return
-    url, server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    server.shutdown()
+    with scratch_dir("oes-test-redis-") as data:
+        url, server = start_redis(data)
+        yield url
+        server.shutdown()
 
 
 def _key_pair(directory: Path, name: str) -> tuple[bytes, Path]:

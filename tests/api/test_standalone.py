@@ -1,0 +1,98 @@
+"""README's first command: ``oes-partner standalone`` on a machine with no servers configured."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BitGo, free_port, scratch_dir
+
+UNSET = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN")
+Standalone = tuple[str, Path, subprocess.Popen[str]]
+
+
+@pytest.fixture(scope="module")
+def standalone() -> Iterator[Standalone]:
+    with scratch_dir("oes-standalone-") as data:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in UNSET}
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "standalone",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"standalone did not start:\n{process.communicate()[0]}")
+            time.sleep(0.2)
+        yield url, data, process
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_standalone_creates_a_dev_key_and_token(
+    standalone: Standalone,
+) -> None:
+    _, data, _ = standalone
+    assert (data / "bitgo-dev-private.pem").exists()
+    assert (data / "bitgo-dev-public.pem").exists()
+    assert len((data / "internal-token").read_text().strip()) >= 16
+
+
+def test_standalone_takes_an_allocation_end_to_end(
+    standalone: Standalone,
+) -> None:
+    url, data, _ = standalone
+    import api.devkeys  # noqa: F401 - the module the README's dev-jwt uses
+
+    bitgo = BitGo(
+        httpx.Client(base_url=url, timeout=10), (data / "bitgo-dev-private.pem").read_bytes()
+    )
+    internal = (data / "internal-token").read_text().strip()
+    bitgo.internal = lambda: {"Authorization": f"Bearer {internal}"}  # type: ignore[method-assign]
+    link = bitgo.link()
+    transfer_id = str(uuid.uuid4())
+    assert bitgo.reserve("allocation", link, transfer_id, "250").json()["status"] == "reserved"
+    assert bitgo.put("allocation", transfer_id, "clear").json()["status"] == "cleared"
+    assert bitgo.balances(link) == (250, 0, 0)
+
+
+def test_standalone_stops_cleanly_on_interrupt(
+    standalone: Standalone,
+) -> None:
+    _, data, process = standalone
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "API listening on" in output
+    assert "development BitGo key pair" in output
+    assert not (data / "postgres" / "postmaster.pid").exists()
