@@ -309,3 +309,14 @@ def live_server(
     yield LiveServer(url, process)
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger_check_after_everything(sessions: sessionmaker[Session]) -> Iterator[None]:
+    """Whatever the tests did, the ledger must balance at the end of the run."""
+    yield
+    from models import ledger
+
+    with sessions() as session:
+        report = ledger.check(session)
+    assert report.ok, report.problems
