@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.requests import Request
@@ -13,6 +14,8 @@ from starlette.routing import Route
 from api.bitgo import runtime
 from api.observability import OUTBOX_BACKLOG, STALE_RESERVATIONS, TRANSFERS
 from models.states import Kind, Status
+
+log = structlog.get_logger(__name__)
 
 
 async def healthz(request: Request) -> Response:
@@ -55,10 +58,14 @@ _GAUGES = text(
 async def metrics(request: Request) -> Response:
     """Prometheus text; the state gauges are read from the database at scrape time."""
     rt = runtime(request)
-    async with rt.engine.connect() as conn:
-        rows: list[Any] = list(
-            await conn.execute(_GAUGES, {"stale_after": rt.settings.stale_after})
-        )
+    try:
+        async with rt.engine.connect() as conn:
+            rows: list[Any] = list(
+                await conn.execute(_GAUGES, {"stale_after": rt.settings.stale_after})
+            )
+    except Exception as exc:  # the process metrics matter most when the database is down
+        log.warning("metrics_state_unavailable", error=type(exc).__name__)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
     counts = {(k, s): 0 for k in Kind for s in Status}
     for what, kind, status, count in rows:
         if what == "transfers":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import re
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import TypeVar
 
@@ -93,18 +93,25 @@ def _enum_param(request: Request, name: str, enum: type[E]) -> E | None:
         raise BadRequest(f"{name} must be one of {choices}") from None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _cursor(raw: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """The (createdAt, id) a page ended at, from its URL-safe ``<microseconds>_<uuid>``."""
     if not raw:
         return None
-    stamp, _, ident = raw.partition("_")
+    micros, _, ident = raw.partition("_")
     try:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")), uuid.UUID(ident)
-    except ValueError:
+        if not re.fullmatch(r"[0-9]{1,20}", micros):
+            raise ValueError(micros)
+        return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(ident)
+    except (ValueError, OverflowError):
         raise BadRequest("cursor is malformed; pass back nextCursor as given") from None
 
 
 def _cursor_of(record: transfers.TransferRecord) -> str:
-    return f"{record.created_at.isoformat()}_{record.transfer_id}"
+    return f"{(record.created_at - _EPOCH) // _MICROSECOND}_{record.transfer_id}"
 
 
 @internal

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +13,14 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.x509 import load_pem_x509_certificate
 from redis.asyncio import Redis
 
 ALGORITHM = "RS256"
-_PEM_END = "-----END PUBLIC KEY-----"
+# SubjectPublicKeyInfo, PKCS#1 and certificates all carry an RSA public key.
+_PEM_BLOCK = re.compile(
+    r"-----BEGIN (PUBLIC KEY|RSA PUBLIC KEY|CERTIFICATE)-----.+?-----END \1-----", re.DOTALL
+)
 _MAX_JTI = 200
 
 
@@ -59,8 +65,13 @@ class KeySet:
 
 def _pem_keys(raw: str) -> list[PublicKey]:
     keys = []
-    for block in raw.split(_PEM_END)[:-1]:
-        key = load_pem_public_key((block.strip() + "\n" + _PEM_END + "\n").encode())
+    for match in _PEM_BLOCK.finditer(raw):
+        block = match.group(0).encode()
+        key: object
+        if match.group(1) == "CERTIFICATE":
+            key = load_pem_x509_certificate(block).public_key()
+        else:
+            key = load_pem_public_key(block)
         if not isinstance(key, RSAPublicKey):
             raise ValueError("only RSA public keys can verify RS256")
         keys.append(PublicKey(key=key, kid=None))
@@ -73,6 +84,10 @@ def _jwks_keys(raw: str) -> list[PublicKey]:
         if isinstance(jwk.key, RSAPublicKey):
             keys.append(PublicKey(key=jwk.key, kid=jwk.key_id))
     return keys
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -133,13 +148,18 @@ class Verifier:
                 raise TokenRefused("Token expired") from None
             except jwt.PyJWTError as exc:
                 raise TokenRefused(f"Invalid token: {exc}") from None
+            except (ValueError, TypeError, OverflowError):
+                # A signed token with claims PyJWT cannot even read is refused all the same.
+                raise TokenRefused("Invalid token: malformed claims") from None
         raise TokenRefused("Invalid token: signature verification failed")
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
-        exp = claims["exp"]  # PyJWT has checked it is a number and not passed
+        exp = claims["exp"]
+        if not _is_time(exp):
+            raise TokenRefused("Token exp must be a number")
         iat = claims.get("iat")
         if iat is not None:
-            if not isinstance(iat, int | float) or isinstance(iat, bool):
+            if not _is_time(iat):
                 raise TokenRefused("Token iat must be a number")
             if iat > now + self.leeway:
                 raise TokenRefused("Token issued in the future")

@@ -31,6 +31,10 @@ class Account(StrEnum):
 
 CLIENT_ACCOUNTS = (Account.AVAILABLE, Account.PENDING_IN, Account.HELD)
 
+# NUMERIC(78,0) holds below 10**78. Keeping an account's total under it when money
+# comes in means no later move between its balances can overflow.
+ACCOUNT_LIMIT = 10**78
+
 
 @dataclass(frozen=True)
 class Posting:
@@ -110,6 +114,8 @@ _CHANGE_UPSERT = """
            pending_in = a.pending_in + EXCLUDED.pending_in,
            held = a.held + EXCLUDED.held,
            updated_at = now()
+     WHERE a.available + a.pending_in + a.held
+           + EXCLUDED.available + EXCLUDED.pending_in + EXCLUDED.held < :limit
     RETURNING 1
 """
 _POST = """
@@ -146,7 +152,11 @@ def post(
     trade_external_id: str | None = None,
     event: Event | None = None,
 ) -> bool:
-    """Apply ``posting`` to one account; False, writing nothing, if a balance would go negative."""
+    """Apply ``posting`` to one account.
+
+    False, writing nothing, if a balance would go negative or the account's total
+    would reach ``ACCOUNT_LIMIT``.
+    """
     deltas = posting.deltas()
     # Only a posting that adds to the client's accounts may create them.
     statement = _POST_UPSERT if min(deltas.values()) >= 0 else _POST_EXISTING
@@ -155,6 +165,7 @@ def post(
         {
             "connection_pk": connection_pk,
             "currency": currency,
+            "limit": ACCOUNT_LIMIT,
             "d_available": deltas[Account.AVAILABLE],
             "d_pending_in": deltas[Account.PENDING_IN],
             "d_held": deltas[Account.HELD],

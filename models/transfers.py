@@ -26,6 +26,7 @@ UNKNOWN_CONNECTION = "Unknown connection"
 CONNECTION_MISMATCH = "Connection mismatch"
 CONNECTION_INACTIVE = "Connection inactive"
 INSUFFICIENT_FUNDS = "Insufficient funds"
+ACCOUNT_LIMIT_EXCEEDED = "Account limit exceeded"
 
 # A racer that commits between our read and our write sends us round again;
 # each round sees strictly newer committed state, so a few always suffice.
@@ -213,10 +214,12 @@ def _post(session: Session, record: TransferRecord) -> bool:
 
 
 def _hold_or_reject(session: Session, record: TransferRecord) -> TransferRecord:
-    """Book a fresh reservation; a deallocation without the funds becomes a rejection."""
+    """Book a fresh reservation; one the account cannot take becomes a rejection."""
     if _post(session, record):
         return record
-    rejected = _set_status(session, record, Status.REJECTED, reason=INSUFFICIENT_FUNDS)
+    # A deallocation fails for want of funds; an allocation only at the 78-digit limit.
+    reason = INSUFFICIENT_FUNDS if record.kind is Kind.DEALLOCATION else ACCOUNT_LIMIT_EXCEEDED
+    rejected = _set_status(session, record, Status.REJECTED, reason=reason)
     if rejected is None:  # we hold the row since our insert or update: cannot happen
         raise InvariantViolation(f"transfer {record.transfer_id} changed under its row lock")
     ledger.emit(session, rejected.event())

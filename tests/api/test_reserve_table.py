@@ -283,3 +283,15 @@ def test_released_repost_is_a_conflict_when_so_configured(
     assert again.status_code == 409
     assert again.json()["error"] == f"{kind.capitalize()} is released"
     assert bitgo.balances(link) == start
+
+
+def test_an_allocation_that_would_overflow_78_digits_is_rejected(bitgo: BitGo, link: Link) -> None:
+    biggest = "9" * 78
+    first = bitgo.reserve("allocation", link, new_id(), biggest).json()
+    assert first["status"] == "reserved"
+    second = bitgo.reserve("allocation", link, new_id(), "1")
+    assert second.status_code == 200
+    assert second.json()["rejectionReason"] == "Account limit exceeded"
+    assert bitgo.balances(link) == (0, int(biggest), 0)
+    assert bitgo.put("allocation", first["allocationId"], "clear").status_code == 200
+    assert bitgo.balances(link) == (int(biggest), 0, 0)
