@@ -52,16 +52,18 @@ class ReserveRequest:
     partners_client_id: str
     partners_connection_id: str
 
-    def fingerprint(self) -> tuple[object, ...]:
-        return (
-            self.kind,
-            self.currency,
-            self.quantity,
-            self.client_id,
-            self.connection_id,
-            self.partners_client_id,
-            self.partners_connection_id,
-        )
+
+def fingerprint(transfer: ReserveRequest | TransferRecord) -> tuple[object, ...]:
+    """What a repeated reserve must match to be the same request."""
+    return (
+        transfer.kind,
+        transfer.currency,
+        transfer.quantity,
+        transfer.client_id,
+        transfer.connection_id,
+        transfer.partners_client_id,
+        transfer.partners_connection_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,6 @@ class TransferRecord:
             created_at=m["created_at"],
             updated_at=m["updated_at"],
             connection_pk=m["connection_pk"],
-        )
-
-    def fingerprint(self) -> tuple[object, ...]:
-        return (
-            self.kind,
-            self.currency,
-            self.quantity,
-            self.client_id,
-            self.connection_id,
-            self.partners_client_id,
-            self.partners_connection_id,
         )
 
     def event(self) -> ledger.Event:
@@ -281,7 +272,7 @@ def reserve(session: Session, *, request: ReserveRequest, rules: Rules) -> Trans
                 return created
             continue
         stored = TransferRecord.from_row(link)
-        if stored.fingerprint() != request.fingerprint():
+        if fingerprint(stored) != fingerprint(request):
             raise Conflict(f"{request.kind.id_field} already used with different parameters")
         outcome = decide(
             stored.status,

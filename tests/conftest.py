@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +274,23 @@ def free_port() -> int:
         return port
 
 
+def wait_ready(
+    url: str, process: subprocess.Popen[Any], *, timeout: float, output: Callable[[], str]
+) -> None:
+    """Wait for ``GET /readyz`` to answer 200; kill the process if it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{url} did not become ready:\n{output()}")
+        time.sleep(0.1)
+
+
 @dataclass(frozen=True)
 class LiveServer:
     url: str
@@ -295,17 +312,7 @@ def live_server(
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start:\n{log.read_text()}")
-        time.sleep(0.1)
+    wait_ready(url, process, timeout=30, output=log.read_text)
     yield LiveServer(url, process)
     process.terminate()
     process.wait(timeout=10)

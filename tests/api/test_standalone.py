@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BitGo, free_port, scratch_dir
+from tests.conftest import BitGo, free_port, scratch_dir, wait_ready
 
 UNSET = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN")
 Standalone = tuple[str, Path, subprocess.Popen[str]]
@@ -42,17 +41,7 @@ def standalone() -> Iterator[Standalone]:
             text=True,
         )
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"standalone did not start:\n{process.communicate()[0]}")
-            time.sleep(0.2)
+        wait_ready(url, process, timeout=90, output=lambda: process.communicate()[0])
         yield url, data, process
         if process.poll() is None:
             process.kill()
