@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from api.signatures import KeySet
+
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names it."""
@@ -49,12 +51,22 @@ class Settings:
         """Read every setting; raise SettingsError naming the first bad one."""
         env = os.environ if env is None else env
         reader = _Reader(env)
+        database_url = reader.required("DATABASE_URL")
+        if not database_url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise SettingsError("DATABASE_URL must start with postgresql:// or postgres://")
+        redis_url = reader.required("REDIS_URL")
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
         repost = reader.text("OES_RELEASED_REPOST", "reserve")
         if repost not in ("reserve", "conflict"):
             raise SettingsError("OES_RELEASED_REPOST must be 'reserve' or 'conflict'")
         keys = Path(reader.required("BITGO_PUBLIC_KEYS"))
         if not keys.is_file():
             raise SettingsError(f"BITGO_PUBLIC_KEYS: no such file: {keys}")
+        try:
+            KeySet.load(keys)
+        except ValueError as exc:
+            raise SettingsError(f"BITGO_PUBLIC_KEYS: {exc}") from None
         currencies = frozenset(
             c.strip() for c in reader.text("OES_CURRENCIES", DEFAULT_CURRENCIES).split(",")
         ) - {""}
@@ -64,8 +76,8 @@ class Settings:
         if len(internal_token) < 16:
             raise SettingsError("OES_INTERNAL_TOKEN must be at least 16 characters")
         return cls(
-            database_url=reader.required("DATABASE_URL"),
-            redis_url=reader.required("REDIS_URL"),
+            database_url=database_url,
+            redis_url=redis_url,
             bitgo_public_keys=keys,
             internal_token=Secret(internal_token),
             currencies=currencies,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -118,11 +119,39 @@ def test_a_missing_setting_stops_with_one_line_naming_it() -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "oes-partner: BITGO_PUBLIC_KEYS is required and not set"
-    ]
+    assert done.stderr.strip().splitlines() == ["oes-partner: DATABASE_URL is required and not set"]
 
 
 def test_db_upgrade_is_idempotent(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["db", "upgrade"]) == 0
     assert "head" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must start with"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL must start with"),
+        ({"BITGO_PUBLIC_KEYS": "/nonexistent.pem"}, "BITGO_PUBLIC_KEYS: no such file"),
+        ({"OES_JWT_MAX_AGE": "sixty"}, "OES_JWT_MAX_AGE must be a whole number"),
+        ({"OES_LOCK_WAIT": "-1"}, "OES_LOCK_WAIT must be a positive number"),
+        ({"OES_RELEASED_REPOST": "maybe"}, "OES_RELEASED_REPOST must be"),
+        ({"OES_INTERNAL_TOKEN": "short"}, "OES_INTERNAL_TOKEN must be at least 16"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_it(
+    env: dict[str, str], change: dict[str, str], named: str
+) -> None:
+    from api.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env({**env, **change})
+
+
+def test_a_key_file_without_keys_is_refused_at_start(env: dict[str, str], tmp_path: Path) -> None:
+    from api.settings import Settings, SettingsError
+
+    empty = tmp_path / "keys.pem"
+    empty.write_text("not a key\n")
+    with pytest.raises(SettingsError, match=r"BITGO_PUBLIC_KEYS: .*no RSA public keys"):
+        Settings.from_env({**env, "BITGO_PUBLIC_KEYS": str(empty)})
