@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ def start_postgres(data_dir: Path) -> tuple[str, Any]:
             "pip install 'oes-partner[embedded]'"
         ) from exc
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        # It falls back to /tmp when XDG_RUNTIME_DIR is unset, as on servers; that is fine.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return str(server.get_uri()), server
 
 
