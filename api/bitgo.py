@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
@@ -49,7 +49,8 @@ def signed(endpoint: Endpoint) -> Endpoint:
 
 
 def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 in UTC with a Z, whatever time zone the database session uses."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def render_transfer(record: TransferRecord) -> dict[str, Any]:
@@ -92,7 +93,7 @@ async def link_connection(request: Request) -> Response:
     connection_id = bodies.uuid_field(body, "connectionId")
     client_id = bodies.uuid_field(body, "clientId")
     token = bodies.required_text(body, "connectionToken")
-    wallet = bodies.text_field(body, "clientWalletId", optional=True)
+    wallet = bodies.text_field(body, "clientWalletId")
     record = await _locked(
         request,
         f"connection:{connection_id}",

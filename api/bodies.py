@@ -46,22 +46,40 @@ def json_object(value: Any) -> dict[str, Any]:
     return value
 
 
-def text_field(body: dict[str, Any], *names: str, optional: bool = False) -> str | None:
-    """A non-empty string under the first of ``names`` present."""
+def storable(value: str) -> bool:
+    """Whether PostgreSQL can store ``value`` as text: UTF-8 encodable, with no NUL."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        return False
+    return "\x00" not in value
+
+
+def _text(body: dict[str, Any], names: tuple[str, ...]) -> str | None:
     for name in names:
         if name in body and body[name] is not None:
             value = body[name]
-            if not isinstance(value, str) or not value.strip() or len(value) > _MAX_TEXT:
+            if (
+                not isinstance(value, str)
+                or not value.strip()
+                or len(value) > _MAX_TEXT
+                or not storable(value)
+            ):
                 raise BadRequest(f"{name} must be a non-empty string of at most {_MAX_TEXT}")
             return value
-    if optional:
-        return None
-    raise BadRequest(f"{names[0]} is required")
+    return None
+
+
+def text_field(body: dict[str, Any], *names: str) -> str | None:
+    """A non-empty string under the first of ``names`` present, or None."""
+    return _text(body, names)
 
 
 def required_text(body: dict[str, Any], *names: str) -> str:
-    value = text_field(body, *names)
-    assert value is not None
+    """A non-empty string under the first of ``names`` present; 400 when none is."""
+    value = _text(body, names)
+    if value is None:
+        raise BadRequest(f"{names[0]} is required")
     return value
 
 

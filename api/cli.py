@@ -161,14 +161,14 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the web process (settings from the environment)")
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))  # noqa: S104 - a server's job is to listen
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")))
+    serve.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
+    serve.add_argument("--workers", type=int, default=os.environ.get("WEB_CONCURRENCY", "1"))
     serve.set_defaults(func=cmd_serve)
 
     standalone = sub.add_parser("standalone", help="everything on one machine, no set-up")
     standalone.add_argument("--data-dir", default=os.environ.get("OES_DATA_DIR", ".oes-data"))
     standalone.add_argument("--host", default="127.0.0.1")
-    standalone.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    standalone.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
     standalone.set_defaults(func=cmd_standalone)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)

@@ -17,6 +17,7 @@ from api import bodies
 from api.bitgo import Endpoint, iso, render_transfer, runtime
 from api.errors import BadRequest, Unauthorized
 from models import connections, transfers
+from models.errors import NotFound
 from models.states import Kind, Status
 
 MAX_PAGE = 500
@@ -61,7 +62,10 @@ async def issue_connection_token(request: Request) -> Response:
 
 @internal
 async def get_account(request: Request) -> Response:
-    view = await runtime(request).run(connections.account, request.path_params["id"])
+    ident = request.path_params["id"]
+    if not bodies.storable(ident):
+        raise NotFound("Account not found")
+    view = await runtime(request).run(connections.account, ident)
     record = view.connection
     return JSONResponse(
         {

@@ -119,6 +119,13 @@ def link(
         if spent is None or spent.expires_at <= session.execute(select(func.now())).scalar_one():
             raise InvalidConnectionToken()
         if spent.connection_pk is not None:
+            # A racer holding the same token may have linked this very connection
+            # while we waited for the token's row lock: that is a retry, not a conflict.
+            linked = _by_connection_id(session, connection_id)
+            if linked is not None and linked.pk == spent.connection_pk:
+                if linked.client_id != client_id:
+                    raise Conflict("connectionId already linked with different parameters")
+                return linked
             raise Conflict("Connection token already used by another connection")
         row = session.execute(
             pg_insert(connections)

@@ -192,7 +192,8 @@ def _set_status(
 
 def _post(session: Session, record: TransferRecord) -> bool:
     """Move the money for ``record``'s new state, with its event; False if funds lack."""
-    assert record.connection_pk is not None
+    if record.connection_pk is None:  # the CHECK constraint forbids it
+        raise InvariantViolation(f"transfer {record.transfer_id} has no account")
     return ledger.post(
         session,
         connection_pk=record.connection_pk,

@@ -512,3 +512,35 @@ def test_connection_token_survives_a_400_and_links_afterwards(bitgo: BitGo) -> N
     answer = bitgo.http.post("/bitgo/v1/connections", json=body, headers=headers())
     assert answer.status_code == 200, answer.text
     assert answer.json()["connectionId"] == body["connectionId"]
+
+
+@pytest.mark.parametrize("bad", ["nul\u0000byte", "lone\ud800surrogate"])
+@pytest.mark.parametrize("field", ["partnersClientId", "partnersConnectionId"])
+def test_text_postgresql_cannot_store_is_a_400_not_a_500(
+    bitgo: BitGo, link: Link, sessions: sessionmaker[Session], field: str, bad: str
+) -> None:
+    transfer_id = str(uuid.uuid4())
+    body = link.body("allocation", transfer_id, "5")
+    body[field] = bad
+    answer = bitgo.http.post(
+        "/bitgo/v1/allocations",
+        content=json.dumps(body).encode(),
+        headers={**bitgo.headers(), "content-type": "application/json"},
+    )
+    assert answer.status_code == 400
+    assert field in answer.json()["error"]
+    assert row_count(sessions, "transfers", "id = :id", id=transfer_id) == 0
+
+
+def test_a_currency_postgresql_cannot_store_is_a_400(bitgo: BitGo, link: Link) -> None:
+    answer = bitgo.http.post(
+        "/bitgo/v1/allocations",
+        content=json.dumps(link.body("allocation", str(uuid.uuid4()), "5", currency="b\u0000tc")),
+        headers={**bitgo.headers(), "content-type": "application/json"},
+    )
+    assert answer.status_code == 400
+
+
+def test_an_account_path_with_a_nul_is_not_found(bitgo: BitGo) -> None:
+    answer = bitgo.http.get("/internal/v1/accounts/a%00b", headers=bitgo.internal())
+    assert answer.status_code == 404

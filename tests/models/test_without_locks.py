@@ -173,3 +173,28 @@ def test_seeded_random_races_keep_every_invariant(sessions: sessionmaker[Session
     balance = view.balances["btc"]
     assert min(balance.available, balance.pending_in, balance.held) >= 0
     assert_ledger_ok(sessions)
+
+
+def test_racing_links_of_one_connection_with_one_token_both_succeed(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        token = connections.issue_token(
+            session, partners_client_id="twin", ttl=timedelta(hours=1)
+        ).token
+    connection_id, client_id = uuid.uuid4(), uuid.uuid4()
+    results = race(
+        8,
+        lambda _: in_tx(
+            sessions,
+            lambda s: connections.link(
+                s,
+                connection_id=connection_id,
+                client_id=client_id,
+                token=token,
+                client_wallet_id=None,
+            ),
+        ),
+    )
+    assert all(isinstance(r, ConnectionRecord) for r in results), results
+    assert len({r.partners_connection_id for r in results if isinstance(r, ConnectionRecord)}) == 1
