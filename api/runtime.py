@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from api.settings import Settings
-from api.signatures import KeySet, Verifier
+from api.signatures import Verifier
 from models.db import async_engine, async_session_factory
 from models.transfers import Rules
 
@@ -44,7 +44,7 @@ class Runtime:
             sessions=async_session_factory(engine),
             redis=redis,
             verifier=Verifier(
-                keys=KeySet.load(settings.bitgo_public_keys),
+                keys=settings.bitgo_keys,
                 redis=redis,
                 max_age=settings.jwt_max_age,
                 leeway=settings.jwt_leeway,

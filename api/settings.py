@@ -34,6 +34,7 @@ class Settings:
     database_url: str
     redis_url: str
     bitgo_public_keys: Path
+    bitgo_keys: KeySet = field(repr=False)
     internal_token: Secret
     currencies: frozenset[str]
     jwt_max_age: int = 60
@@ -64,7 +65,7 @@ class Settings:
         if not keys.is_file():
             raise SettingsError(f"BITGO_PUBLIC_KEYS: no such file: {keys}")
         try:
-            KeySet.load(keys)
+            bitgo_keys = KeySet.load(keys)
         except ValueError as exc:
             raise SettingsError(f"BITGO_PUBLIC_KEYS: {exc}") from None
         currencies = frozenset(
@@ -79,6 +80,7 @@ class Settings:
             database_url=database_url,
             redis_url=redis_url,
             bitgo_public_keys=keys,
+            bitgo_keys=bitgo_keys,
             internal_token=Secret(internal_token),
             currencies=currencies,
             jwt_max_age=reader.integer("OES_JWT_MAX_AGE", 60, minimum=1),
