@@ -224,7 +224,9 @@ def test_kid_naming_no_configured_key_is_401_and_stores_nothing(
 ) -> None:
     """With keys that have ids (JWKS), a kid that names none of them is refused."""
     jwks = write_jwks(tmp_path / "bitgo.jwks.json", {"bitgo-1": keys.private})
-    app = create_app(dataclasses.replace(settings, bitgo_public_keys=jwks))
+    app = create_app(
+        dataclasses.replace(settings, bitgo_public_keys=jwks, bitgo_keys=KeySet.load(jwks))
+    )
     transfer_id = str(uuid.uuid4())
     with TestClient(app) as http:
         answer = send(http, link, transfer_id, rs256(keys.private, headers={"kid": "nope"}))
