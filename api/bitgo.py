@@ -81,7 +81,8 @@ def render_connection(record: ConnectionRecord) -> dict[str, Any]:
     }
 
 
-async def _locked(http: Request, key: str, action: Callable[..., Any], /, **kwargs: Any) -> Any:
+async def locked(http: Request, key: str, action: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """Run a domain action in one transaction while holding the Redis lock on ``key``."""
     rt = runtime(http)
     async with locks.held(rt.redis, key, wait=rt.settings.lock_wait, ttl=rt.settings.lock_ttl):
         return await rt.run(action, **kwargs)
@@ -94,7 +95,7 @@ async def link_connection(request: Request) -> Response:
     client_id = bodies.uuid_field(body, "clientId")
     token = bodies.required_text(body, "connectionToken")
     wallet = bodies.text_field(body, "clientWalletId")
-    record = await _locked(
+    record = await locked(
         request,
         f"connection:{connection_id}",
         connections.link,
@@ -110,7 +111,7 @@ def _reserve(kind: Kind) -> Endpoint:
     @signed
     async def reserve(request: Request) -> Response:
         parsed = bodies.reserve_request(kind, await bodies.read_json(request))
-        record = await _locked(
+        record = await locked(
             request,
             f"transfer:{parsed.transfer_id}",
             transfers.reserve,
@@ -129,7 +130,7 @@ def _settle(kind: Kind, action: Action) -> Endpoint:
         transfer_id = bodies.path_uuid(request.path_params["id"])
         if transfer_id is None:
             raise NotFound(f"{kind.label} not found")
-        record = await _locked(
+        record = await locked(
             request,
             f"transfer:{transfer_id}",
             transfers.settle,

@@ -11,11 +11,14 @@ from starlette.requests import Request
 
 from api.errors import BadRequest, PayloadTooLarge
 from models.states import Kind
+from models.trades import TradeRequest
 from models.transfers import ReserveRequest
 
 MAX_BODY = 16 * 1024
 MAX_DIGITS = 78
 _QUANTITY = re.compile(r"[1-9][0-9]{0,77}")
+_DELTA = re.compile(r"-?[1-9][0-9]{0,77}")
+MAX_DELTAS = 64
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _MAX_TEXT = 256
 
@@ -139,4 +142,39 @@ def reserve_request(kind: Kind, body: Any) -> ReserveRequest:
         connection_id=uuid_field(body, "connectionId"),
         partners_client_id=required_text(body, "partnersClientId", "partnerClientId"),
         partners_connection_id=required_text(body, "partnersConnectionId", "partnerConnectionId"),
+    )
+
+
+def delta(value: Any, name: str) -> int:
+    """A non-zero signed integer in base units: a canonical digit string or a JSON integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == 0 or len(str(abs(value))) > MAX_DIGITS:
+            raise BadRequest(f"{name} must be a non-zero integer of at most {MAX_DIGITS} digits")
+        return value
+    if not isinstance(value, str) or not _DELTA.fullmatch(value):
+        raise BadRequest(
+            f"{name} must be a non-zero signed integer in base units: an optional '-', "
+            f"digits only, no leading zeros, at most {MAX_DIGITS} digits"
+        )
+    return int(value)
+
+
+def trade_request(body: Any) -> TradeRequest:
+    body = json_object(body)
+    external_id = required_text(body, "externalId")
+    partners_connection_id = required_text(body, "partnersConnectionId", "partnerConnectionId")
+    deltas = body.get("deltas")
+    if not isinstance(deltas, dict) or not deltas:
+        raise BadRequest("deltas must be a non-empty object of currency to signed amount")
+    if len(deltas) > MAX_DELTAS:
+        raise BadRequest(f"deltas may name at most {MAX_DELTAS} currencies")
+    parsed: dict[str, int] = {}
+    for currency, value in deltas.items():
+        if not currency.strip() or len(currency) > _MAX_TEXT or not storable(currency):
+            raise BadRequest(f"deltas keys must be currency codes of at most {_MAX_TEXT}")
+        parsed[currency] = delta(value, f"deltas.{currency}")
+    return TradeRequest(
+        external_id=external_id,
+        partners_connection_id=partners_connection_id,
+        deltas=parsed,
     )

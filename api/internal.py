@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import bodies
-from api.bitgo import Endpoint, iso, render_transfer, runtime
+from api.bitgo import Endpoint, iso, locked, render_transfer, runtime
 from api.errors import BadRequest, Unauthorized
-from models import connections, transfers
+from models import connections, trades, transfers
 from models.errors import NotFound
 from models.states import Kind, Status
 
@@ -143,9 +143,32 @@ async def list_transfers(request: Request) -> Response:
     return JSONResponse({"transfers": page, "nextCursor": next_cursor})
 
 
+@internal
+async def apply_trade(request: Request) -> Response:
+    parsed = bodies.trade_request(await bodies.read_json(request))
+    record = await locked(
+        request,
+        f"trade:{parsed.external_id}",
+        trades.apply,
+        request=parsed,
+        rules=runtime(request).rules,
+    )
+    return JSONResponse(
+        {
+            "externalId": record.external_id,
+            "partnersConnectionId": record.partners_connection_id,
+            "connectionId": str(record.connection_id),
+            "deltas": {c: str(d) for c, d in sorted(record.deltas.items())},
+            "settled": record.settled_at is not None,
+            "createdAt": iso(record.created_at),
+        }
+    )
+
+
 def routes() -> list[Route]:
     return [
         Route("/internal/v1/connection-tokens", issue_connection_token, methods=["POST"]),
         Route("/internal/v1/accounts/{id}", get_account, methods=["GET"]),
         Route("/internal/v1/transfers", list_transfers, methods=["GET"]),
+        Route("/internal/v1/trades", apply_trade, methods=["POST"]),
     ]

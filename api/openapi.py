@@ -82,7 +82,11 @@ def _listed(kind: Kind) -> Json:
 
 
 POSITIVE: Json = {"type": "integer", "minimum": 1, "description": "At most 78 digits"}
-DELTA: Json = {"type": "string", "pattern": "^-?[0-9]{1,78}$"}
+DELTA: Json = {
+    "type": "string",
+    "pattern": "^-?[1-9][0-9]{0,77}$",
+    "description": "A non-zero signed integer in base units; negative debits available",
+}
 UNITS: Json = {"type": "string", "pattern": "^(0|[1-9][0-9]{0,77})$"}
 QUANTITY = "A positive integer in the currency's base units: digits only, no sign, point, "
 QUANTITY += "exponent, spaces or leading zeros, at most 78 digits"
@@ -140,7 +144,21 @@ SCHEMAS: Json = {
     ),
     "TradeRequest": obj(
         each(text(), "externalId", "partnersConnectionId")
+        | {
+            "deltas": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {
+                    "oneOf": [DELTA, {"type": "integer", "not": {"const": 0}}]
+                },
+            }
+        }
+    ),
+    "Trade": obj(
+        each(STR, "externalId", "partnersConnectionId")
+        | {"connectionId": UUID, "createdAt": TIME}
         | {"deltas": {"type": "object", "additionalProperties": DELTA}}
+        | {"settled": {"type": "boolean"}}
     ),
     "Health": obj({"status": {"const": "ok"}}),
     "Readiness": obj(
@@ -297,8 +315,9 @@ def _internal() -> dict[Key, Json]:
             "applyTrade",
             "Apply trading results to available balances, idempotent by externalId",
             {
-                "200": answer({"type": "object"}, "Applied, or already applied"),
-                "404": fail("Unknown partnersConnectionId"),
+                "200": answer(ref("Trade"), "Applied, or already applied"),
+                "400": fail("Malformed body"),
+                "404": fail("`Account not found`: unknown partnersConnectionId"),
                 "409": fail("externalId already used with a different body"),
                 "422": fail("A delta would make available negative; nothing applied"),
             },
@@ -333,7 +352,6 @@ OPERATIONS: dict[Key, Json] = {
         "openapi", "This document", {"200": answer({"type": "object"}, "OpenAPI 3.1")}
     ),
 }
-PENDING: frozenset[Key] = frozenset({("POST", "/internal/v1/trades")})
 INFO: Json = {
     "title": "oes-partner",
     "version": "0.1.0",

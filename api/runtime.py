@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
+from celery import Celery
 from redis.asyncio import Redis
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -14,8 +17,12 @@ from sqlalchemy.orm import Session
 
 from api.settings import Settings
 from api.signatures import Verifier
+from models import ledger
 from models.db import async_engine, async_session_factory
 from models.transfers import Rules
+from workers.celery import make_app
+from workers.runtime import publish
+from workers.settings import broker_url
 
 P = ParamSpec("P")
 _ATTEMPTS = 3
@@ -31,6 +38,8 @@ class Runtime:
     redis: Redis
     verifier: Verifier
     rules: Rules
+    publisher: Celery
+    publishing: set[asyncio.Future[int]] = field(default_factory=set)
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
@@ -55,9 +64,13 @@ class Runtime:
                 currencies=settings.currencies,
                 released_repost_conflicts=settings.released_repost == "conflict",
             ),
+            publisher=make_app(broker_url(settings.redis_url)),
         )
 
     async def stop(self) -> None:
+        if self.publishing:
+            await asyncio.wait(self.publishing, timeout=5)
+        self.publisher.close()
         await self.redis.aclose()
         await self.engine.dispose()
 
@@ -71,10 +84,26 @@ class Runtime:
         """
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                async with self.sessions() as session, session.begin():
-                    result: Any = await session.run_sync(action, *args, **kwargs)
+                async with self.sessions() as session:
+                    async with session.begin():
+                        result: Any = await session.run_sync(action, *args, **kwargs)
+                    self._publish(ledger.written_events(session.sync_session))
                     return result  # type: ignore[no-any-return]
             except DBAPIError as exc:
                 if attempt == _ATTEMPTS or not isinstance(exc.orig, _TRANSIENT):
                     raise
         raise AssertionError("unreachable")
+
+    def _publish(self, event_ids: list[uuid.UUID]) -> None:
+        """Queue the committed events' deliveries off the request path, in a thread.
+
+        The broker client is blocking; if it fails, the events stay pending in the
+        outbox and the relay sweep queues them later.
+        """
+        if not event_ids:
+            return
+        future = asyncio.get_running_loop().run_in_executor(
+            None, publish, self.publisher, event_ids
+        )
+        self.publishing.add(future)
+        future.add_done_callback(self.publishing.discard)

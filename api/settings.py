@@ -51,7 +51,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every setting; raise SettingsError naming the first bad one."""
         env = os.environ if env is None else env
-        reader = _Reader(env)
+        reader = Reader(env)
         database_url = reader.required("DATABASE_URL")
         if not database_url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
             raise SettingsError("DATABASE_URL must start with postgresql:// or postgres://")
@@ -96,7 +96,9 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class _Reader:
+class Reader:
+    """Reads settings from one environment, refusing malformed values by name."""
+
     env: Mapping[str, str]
 
     def text(self, name: str, default: str) -> str:

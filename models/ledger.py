@@ -181,7 +181,10 @@ def post(
             "event_payload": json.dumps(event.payload) if event else None,
         },
     )
-    return bool(result.scalar_one())
+    applied = bool(result.scalar_one())
+    if applied and event is not None:
+        _written(session).append(event.id)
+    return applied
 
 
 def emit(session: Session, event: Event) -> None:
@@ -192,6 +195,24 @@ def emit(session: Session, event: Event) -> None:
         ),
         {"id": event.id, "topic": event.topic, "payload": json.dumps(event.payload)},
     )
+    _written(session).append(event.id)
+
+
+_EVENTS_KEY = "oes_outbox_events"
+
+
+def _written(session: Session) -> list[uuid.UUID]:
+    events: list[uuid.UUID] = session.info.setdefault(_EVENTS_KEY, [])
+    return events
+
+
+def written_events(session: Session) -> list[uuid.UUID]:
+    """Ids of the outbox events this session has written, to publish once it commits.
+
+    Taking them clears the list, so a rolled-back attempt's events never leak into
+    the next one's.
+    """
+    return list(session.info.pop(_EVENTS_KEY, []))
 
 
 @dataclass(frozen=True)

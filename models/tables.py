@@ -154,3 +154,67 @@ outbox = Table(
         postgresql_where=text("status = 'pending'"),
     ),
 )
+
+trades = Table(
+    "trades",
+    metadata,
+    # The exchange's id for a trading result: the idempotency key of POST /trades.
+    Column("external_id", Text, primary_key=True),
+    Column("connection_pk", BigInteger, ForeignKey("connections.id"), nullable=False),
+    Column("partners_connection_id", Text, nullable=False),
+    # {currency: signed base-unit string}, as applied; settlement nets these.
+    Column("deltas", JSONB, nullable=False),
+    Column("settlement_id", Uuid, ForeignKey("settlements.id")),
+    Column("settled_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("settled_at IS NULL OR settlement_id IS NOT NULL", name="settled_by"),
+    Index("ix_trades_settlement_id", "settlement_id"),
+    Index(
+        "ix_trades_unsettled",
+        "created_at",
+        postgresql_where=text("settlement_id IS NULL"),
+    ),
+)
+
+settlements = Table(
+    "settlements",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    # Derived from seq and the trades included; the idempotency key at BitGo.
+    Column("external_id", Text, nullable=False, unique=True),
+    Column("status", Text, nullable=False),
+    # {connectionId: {currency: signed string}}: BitGo's settlementAmounts.
+    Column("amounts", JSONB, nullable=False),
+    # The exact signed body, stored before the first post and re-posted unchanged.
+    Column("body", JSONB),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("bitgo_id", Text),
+    Column("bitgo_status", Text),
+    Column("reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finalized_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('preparing', 'pending', 'completed', 'rejected', 'conflict')", name="status"
+    ),
+    CheckConstraint("status = 'preparing' OR body IS NOT NULL OR amounts = '{}'", name="body"),
+    # At most one settlement in flight: trades are netted into one at a time.
+    Index(
+        "uq_settlements_open",
+        text("(true)"),
+        unique=True,
+        postgresql_where=text("status IN ('preparing', 'pending')"),
+    ),
+)
+
+task_runs = Table(
+    "task_runs",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("task", Text, nullable=False),
+    Column("task_id", Text),
+    Column("summary", JSONB, nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_task_runs_task_finished_at", "task", "finished_at"),
+)

@@ -351,3 +351,16 @@ def listing(
     if after is not None:
         query = query.where(tuple_(transfers.c.created_at, transfers.c.id) < tuple_(*after))
     return [TransferRecord.from_row(r) for r in session.execute(query.limit(limit))]
+
+
+def stale(session: Session, *, older_than: float, limit: int) -> list[TransferRecord]:
+    """Reserved transfers untouched for ``older_than`` seconds, oldest first."""
+    rows = session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM transfers WHERE status = 'reserved'"
+            " AND updated_at < now() - make_interval(secs => :older_than)"
+            " ORDER BY updated_at LIMIT :limit"
+        ),
+        {"older_than": older_than, "limit": limit},
+    )
+    return [TransferRecord.from_row(r) for r in rows]

@@ -1,0 +1,256 @@
+"""Settlements: unsettled trades netted per connection and currency, settled with BitGo.
+
+One settlement is in flight at a time (a unique partial index says so). It is
+``preparing`` until its signed body is stored, ``pending`` while that exact body is
+posted and re-posted, and ends ``completed`` (its trades are settled), ``rejected``
+(its trades return to the pool) or ``conflict`` (BitGo knows the externalId with
+another body; an operator must look).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Row, text
+from sqlalchemy.orm import Session
+
+from models import ledger
+from models.errors import NotFound
+
+# pg_advisory_xact_lock key: one settlement starts at a time.
+_START_LOCK = 0x0E5_5E77
+MAX_TRADES = 50_000
+
+
+class SettlementStatus(StrEnum):
+    PREPARING = "preparing"
+    PENDING = "pending"
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class SettlementRecord:
+    id: uuid.UUID
+    seq: int
+    external_id: str
+    status: SettlementStatus
+    amounts: dict[str, dict[str, str]]
+    body: dict[str, Any] | None
+    attempts: int
+    bitgo_id: str | None
+    bitgo_status: str | None
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    finalized_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> SettlementRecord:
+        m = row._mapping
+        return cls(
+            **{name: m[name] for name in cls.__dataclass_fields__ if name != "status"},
+            status=SettlementStatus(m["status"]),
+        )
+
+    def event(self) -> ledger.Event:
+        return ledger.Event(
+            topic=f"settlement.{self.status.value}",
+            id=uuid.uuid4(),
+            payload={
+                "id": str(self.id),
+                "externalId": self.external_id,
+                "status": self.status.value,
+                "settlementAmounts": self.amounts,
+                "bitgoSettlementId": self.bitgo_id,
+                "reason": self.reason,
+            },
+        )
+
+    def payload(self) -> str:
+        """The string to sign: the body's fields other than payload and signature."""
+        return json.dumps(
+            {
+                "externalId": self.external_id,
+                "settlementAmounts": self.amounts,
+                "nonce": str(self.id),
+                "notes": f"oes-partner settlement {self.seq}",
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+_NET = text(
+    """
+    SELECT c.connection_id, d.key AS currency, sum(CAST(d.value AS numeric)) AS net
+    FROM trades t
+    JOIN connections c ON c.id = t.connection_pk
+    CROSS JOIN LATERAL jsonb_each_text(t.deltas) AS d
+    WHERE t.settlement_id = :id
+    GROUP BY c.connection_id, d.key
+    HAVING sum(CAST(d.value AS numeric)) <> 0
+    ORDER BY c.connection_id, d.key
+    """
+)
+_OPEN = text("SELECT * FROM settlements WHERE status IN ('preparing', 'pending')")
+_GET = text("SELECT * FROM settlements WHERE id = :id")
+_TRANSITION = text(
+    """
+    UPDATE settlements SET status = :to, reason = coalesce(:reason, reason),
+           bitgo_id = coalesce(:bitgo_id, bitgo_id),
+           bitgo_status = coalesce(:bitgo_status, bitgo_status),
+           attempts = attempts + 1, updated_at = now(),
+           finalized_at = CASE WHEN :to IN ('completed', 'rejected', 'conflict') THEN now() END
+    WHERE id = :id AND status = 'pending'
+    RETURNING *
+    """
+)
+
+
+def get(session: Session, settlement_id: uuid.UUID) -> SettlementRecord:
+    row = session.execute(_GET, {"id": settlement_id}).one_or_none()
+    if row is None:
+        raise NotFound("Settlement not found")
+    return SettlementRecord.from_row(row)
+
+
+def open_or_start(session: Session) -> SettlementRecord | None:
+    """The settlement in flight, or a new one netting every unsettled trade; None if none."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _START_LOCK})
+    row = session.execute(_OPEN).one_or_none()
+    if row is not None:
+        return SettlementRecord.from_row(row)
+    settlement_id = uuid.uuid4()
+    seq = session.execute(
+        text(
+            "INSERT INTO settlements (id, external_id, status, amounts) "
+            "VALUES (:id, :id, 'preparing', '{}') RETURNING seq"
+        ),
+        {"id": settlement_id},
+    ).scalar_one()
+    included = (
+        session.execute(
+            text(
+                "UPDATE trades SET settlement_id = :id WHERE external_id IN ("
+                " SELECT external_id FROM trades WHERE settlement_id IS NULL"
+                " ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED) RETURNING external_id"
+            ),
+            {"id": settlement_id, "limit": MAX_TRADES},
+        )
+        .scalars()
+        .all()
+    )
+    if not included:
+        session.execute(text("DELETE FROM settlements WHERE id = :id"), {"id": settlement_id})
+        return None
+    amounts: dict[str, dict[str, str]] = {}
+    for connection_id, currency, net in session.execute(_NET, {"id": settlement_id}):
+        amounts.setdefault(str(connection_id), {})[currency] = str(int(net))
+    digest = hashlib.sha256("\n".join(sorted(included)).encode()).hexdigest()[:16]
+    # Net zero everywhere: the trades cancel out and there is nothing to post.
+    status = SettlementStatus.PREPARING if amounts else SettlementStatus.COMPLETED
+    row = session.execute(
+        text(
+            "UPDATE settlements SET external_id = :external_id, amounts = CAST(:amounts AS jsonb),"
+            " status = :status, reason = :reason,"
+            " finalized_at = CASE WHEN :status = 'completed' THEN now() END"
+            " WHERE id = :id RETURNING *"
+        ),
+        {
+            "id": settlement_id,
+            "external_id": f"oes-settlement-{seq}-{digest}",
+            "amounts": json.dumps(amounts),
+            "status": status.value,
+            "reason": None if amounts else "trades net to zero; nothing to post",
+        },
+    ).one()
+    record = SettlementRecord.from_row(row)
+    if status is SettlementStatus.COMPLETED:
+        _settle_trades(session, record)
+    return record
+
+
+def store_body(
+    session: Session, settlement_id: uuid.UUID, body: dict[str, Any]
+) -> SettlementRecord:
+    """Keep the signed body; if another worker stored one first, that one stands."""
+    session.execute(
+        text(
+            "UPDATE settlements SET body = CAST(:body AS jsonb), status = 'pending',"
+            " updated_at = now() WHERE id = :id AND status = 'preparing'"
+        ),
+        {"id": settlement_id, "body": json.dumps(body)},
+    )
+    return get(session, settlement_id)
+
+
+def _settle_trades(session: Session, record: SettlementRecord) -> None:
+    session.execute(
+        text("UPDATE trades SET settled_at = now() WHERE settlement_id = :id"), {"id": record.id}
+    )
+    ledger.emit(session, record.event())
+
+
+def finish(
+    session: Session,
+    settlement_id: uuid.UUID,
+    status: SettlementStatus,
+    *,
+    reason: str | None = None,
+    bitgo_id: str | None = None,
+    bitgo_status: str | None = None,
+) -> SettlementRecord | None:
+    """Move a pending settlement to its final state once; None if it already left pending."""
+    row = session.execute(
+        _TRANSITION,
+        {
+            "id": settlement_id,
+            "to": status.value,
+            "reason": reason,
+            "bitgo_id": bitgo_id,
+            "bitgo_status": bitgo_status,
+        },
+    ).one_or_none()
+    if row is None:
+        return None
+    record = SettlementRecord.from_row(row)
+    if status is SettlementStatus.COMPLETED:
+        _settle_trades(session, record)
+    elif status is SettlementStatus.REJECTED:
+        # Rejected: nothing moved at BitGo, so the trades go back to be netted again.
+        session.execute(
+            text("UPDATE trades SET settlement_id = NULL WHERE settlement_id = :id"),
+            {"id": settlement_id},
+        )
+        ledger.emit(session, record.event())
+    elif status is SettlementStatus.CONFLICT:
+        ledger.emit(session, record.event())
+    return record
+
+
+def attempted(
+    session: Session, settlement_id: uuid.UUID, *, reason: str, bitgo_status: str | None = None
+) -> SettlementRecord | None:
+    """Record an attempt that settled nothing yet; the same body will be posted again."""
+    return finish(
+        session,
+        settlement_id,
+        SettlementStatus.PENDING,
+        reason=reason,
+        bitgo_status=bitgo_status,
+    )
+
+
+def listing(session: Session, *, limit: int = 50) -> list[SettlementRecord]:
+    rows = session.execute(
+        text("SELECT * FROM settlements ORDER BY seq DESC LIMIT :limit"), {"limit": limit}
+    )
+    return [SettlementRecord.from_row(r) for r in rows]

@@ -1,0 +1,133 @@
+"""Platform hooks: each outbox event POSTed to PLATFORM_WEBHOOK_URL, signed, with backoff."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import structlog
+
+from models import outbox
+from models.outbox import EventStatus, OutboxEvent
+from workers.celery import app
+from workers.runtime import publish, report, transaction
+from workers.settings import settings
+
+log = structlog.get_logger(__name__)
+
+SIGNATURE_HEADER = "X-OES-Signature"
+TIMESTAMP_HEADER = "X-OES-Timestamp"
+EVENT_HEADER = "X-OES-Event-Id"
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=`` and the hex HMAC-SHA256 of ``<timestamp>.<body>`` under ``secret``."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def body(event: OutboxEvent) -> bytes:
+    """What the platform receives: the event's id, type and time around its payload."""
+    return json.dumps(
+        {
+            "id": str(event.id),
+            "type": event.topic,
+            "createdAt": event.created_at.isoformat(),
+            "data": event.payload,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def backoff(failures: int, *, base: float, cap: float) -> float:
+    """Exponential delay after ``failures`` failed attempts, with equal jitter."""
+    delay = min(cap, base * 2.0 ** (failures - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    ok: bool
+    retriable: bool
+    error: str | None = None
+
+
+def post(url: str, secret: str, timeout: float, event: OutboxEvent) -> Attempt:
+    """POST one event; network errors, timeouts, 408, 429 and 5xx are worth retrying."""
+    raw = body(event)
+    timestamp = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "oes-partner",
+        EVENT_HEADER: str(event.id),
+        "Idempotency-Key": str(event.id),
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: signature(secret, timestamp, raw),
+    }
+    try:
+        answer = httpx.post(url, content=raw, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return Attempt(ok=False, retriable=True, error=f"{type(exc).__name__}: {exc}")
+    if answer.is_success:
+        return Attempt(ok=True, retriable=False)
+    error = f"HTTP {answer.status_code}: {answer.text[:200]}"
+    retriable = answer.status_code >= 500 or answer.status_code in (408, 429)
+    return Attempt(ok=False, retriable=retriable, error=error)
+
+
+@app.task(name="workers.hooks.deliver")
+def deliver(event_id: str) -> str:
+    """Deliver one outbox event; quiet when it is already delivered or in other hands."""
+    s = settings()
+    ident = uuid.UUID(event_id)
+    retry_in: float | None = None
+    with transaction() as session:
+        event = outbox.claim(session, ident)
+        if event is None:
+            log.info("hook_skipped", event_id=event_id, why="not pending or being delivered")
+            return "skipped"
+        if s.hook_url is None or s.hook_secret is None:
+            outbox.delivered(session, ident, locally=True)
+            return "delivered_locally"
+        attempt = post(s.hook_url, s.hook_secret.value, s.hook_timeout, event)
+        if attempt.ok:
+            outbox.delivered(session, ident)
+            log.info("hook_delivered", event_id=event_id, topic=event.topic)
+            return "delivered"
+        failures = event.attempts + 1
+        permanent = not attempt.retriable or failures >= s.hook_max_attempts
+        retry_in = (
+            None if permanent else backoff(failures, base=s.hook_backoff, cap=s.hook_backoff_max)
+        )
+        status = outbox.failed(session, ident, error=attempt.error or "", retry_in=retry_in)
+        log.warning(
+            "hook_failed",
+            event_id=event_id,
+            attempt=failures,
+            error=attempt.error,
+            status=status.value,
+            retry_in=retry_in,
+        )
+    if retry_in is not None:
+        deliver.apply_async((event_id,), countdown=retry_in)
+    return status.value
+
+
+@app.task(name="workers.hooks.redrive_dead", bind=True)
+def redrive_dead(self: Any, event_ids: list[str] | None = None) -> dict[str, Any]:
+    """Send dead letters (all, or the given ids) back for delivery."""
+    ids = [uuid.UUID(i) for i in event_ids] if event_ids else None
+    with transaction() as session:
+        revived = outbox.redrive(session, ids)
+    publish(app, revived)
+    return report(self, {"redriven": len(revived)})
+
+
+__all__ = ["EventStatus", "deliver", "redrive_dead", "signature"]

@@ -1,0 +1,125 @@
+"""Remediation sweeps: converge stale reservations, re-send the outbox, compare balances."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import structlog
+
+from models import outbox, reconciliation, transfers
+from models.errors import DomainError
+from models.states import Action
+from workers.bitgo import BitGoError, BitGoNotFound
+from workers.celery import app
+from workers.runtime import bitgo, publish, report, transaction
+from workers.settings import settings
+
+log = structlog.get_logger(__name__)
+NOT_CONFIGURED = {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"}
+
+# A relayed event is not relayed again for this long, so that a sweep every few
+# seconds does not queue the same delivery over and over while workers are busy.
+RELAY_LEASE = 120.0
+
+
+def _bitgo_action(record: transfers.TransferRecord, remote: dict[str, Any] | None) -> Action | str:
+    """What BitGo's view says to do here: an Action, or why we leave the transfer."""
+    if remote is None:  # 404: BitGo never reserved it, or forgot it; nothing will clear it
+        return Action.RELEASE
+    kind = remote.get("type")
+    if kind is not None and kind != record.kind.value:
+        return "kind_mismatch"
+    status = remote.get("status")
+    if status == "cleared":
+        return Action.CLEAR
+    if status == "released":
+        return Action.RELEASE
+    if status == "reserved":
+        return "still_reserved"
+    return "unexpected_status"
+
+
+@app.task(name="workers.remediation.sweep_stale_transfers", bind=True)
+def sweep_stale_transfers(self: Any, limit: int = 500) -> dict[str, Any]:
+    """Converge reservations older than OES_STALE_AFTER with BitGo's view of them."""
+    client = bitgo()
+    if client is None:
+        return report(self, NOT_CONFIGURED)
+    with transaction() as session:
+        stale = transfers.stale(session, older_than=settings().stale_after, limit=limit)
+    counts: Counter[str] = Counter()
+    with client:
+        for record in stale:
+            ident = str(record.transfer_id)
+            try:
+                remote: dict[str, Any] | None = client.allocation(ident)
+            except BitGoNotFound:
+                remote = None
+            except BitGoError as exc:
+                counts["errors"] += 1
+                log.warning("stale_lookup_failed", transfer_id=ident, error=exc.message)
+                continue
+            action = _bitgo_action(record, remote)
+            if not isinstance(action, Action):
+                counts[action] += 1
+                continue
+            try:
+                with transaction() as session:
+                    result = transfers.settle(
+                        session, kind=record.kind, transfer_id=record.transfer_id, action=action
+                    )
+            except DomainError as exc:  # it moved on since we looked: BitGo got there first
+                counts["changed_meanwhile"] += 1
+                log.info("stale_changed_meanwhile", transfer_id=ident, error=exc.message)
+                continue
+            counts[result.status.value] += 1
+            log.info(
+                "stale_converged",
+                transfer_id=ident,
+                kind=record.kind.value,
+                bitgo_status=remote.get("status") if remote else "unknown",
+                status=result.status.value,
+            )
+    return report(self, {"examined": len(stale), **dict(sorted(counts.items()))})
+
+
+@app.task(name="workers.remediation.relay_outbox", bind=True)
+def relay_outbox(self: Any, batch: int = 500, max_batches: int = 20) -> dict[str, Any]:
+    """Publish outbox events still pending past OES_OUTBOX_GRACE (their process died)."""
+    relayed = 0
+    for _ in range(max_batches):
+        with transaction() as session:
+            due = outbox.due(session, grace=settings().outbox_grace, lease=RELAY_LEASE, limit=batch)
+        relayed += publish(app, due)
+        if len(due) < batch:
+            break
+    return report(self, {"relayed": relayed})
+
+
+@app.task(name="workers.remediation.reconcile_balances", bind=True)
+def reconcile_balances(self: Any) -> dict[str, Any]:
+    """Compare every connection's balances with BitGo's; report drift, change nothing."""
+    client = bitgo()
+    if client is None:
+        return report(self, NOT_CONFIGURED)
+    try:
+        with client:
+            network = client.balances()
+    except BitGoError as exc:
+        log.warning("reconcile_failed", error=exc.message)
+        return report(self, {"outcome": "BitGo unavailable", "error": exc.message})
+    with transaction() as session:
+        ours = reconciliation.expected(session)
+    theirs = reconciliation.reported(network)
+    drifts = reconciliation.compare(ours, theirs)
+    for drift in drifts:
+        log.warning(
+            "balance_drift",
+            connection_id=drift.connection_id,
+            currency=drift.currency,
+            expected=str(drift.expected),
+            reported=None if drift.reported is None else str(drift.reported),
+            line=drift.line(),
+        )
+    return report(self, {"accounts": len(set(ours) | set(theirs)), "drifts": len(drifts)})

@@ -1,0 +1,138 @@
+"""Settlement with BitGo: net unsettled trades, sign through Express, post until final."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import structlog
+
+from models import settlements
+from models.errors import InvariantViolation
+from models.settlements import SettlementRecord, SettlementStatus
+from workers.bitgo import BitGoClient, BitGoConflict, BitGoError, BitGoUnavailable
+from workers.celery import app
+from workers.runtime import bitgo, report, transaction
+from workers.settings import settings
+
+log = structlog.get_logger(__name__)
+MAX_RETRY_DELAY = 1800.0  # below the broker's visibility timeout, so a countdown never doubles
+
+
+def _signed(client: BitGoClient, record: SettlementRecord) -> SettlementRecord:
+    """Sign the body through Express and store it; from then on it never changes."""
+    payload, signature = client.sign_payload(record.payload())
+    body = {
+        "externalId": record.external_id,
+        "settlementAmounts": record.amounts,
+        "nonce": str(record.id),
+        "notes": f"oes-partner settlement {record.seq}",
+        "payload": payload,
+        "signature": signature,
+    }
+    with transaction() as session:
+        return settlements.store_body(session, record.id, body)
+
+
+def _retry_later(record: SettlementRecord) -> float:
+    delay = min(MAX_RETRY_DELAY, settings().settlement_retry * 2.0 ** min(record.attempts, 10))
+    post_settlement.apply_async((str(record.id),), countdown=delay)
+    return delay
+
+
+def _post(client: BitGoClient, record: SettlementRecord) -> dict[str, Any]:
+    """Post the stored body once and record what BitGo said."""
+    if record.body is None:  # the schema's CHECK keeps a posted settlement's body
+        raise InvariantViolation(f"settlement {record.id} has no body to post")
+    try:
+        answer = client.post_settlement(record.body)
+    except BitGoConflict as exc:
+        with transaction() as session:
+            settlements.finish(
+                session, record.id, SettlementStatus.CONFLICT, reason=f"BitGo 409: {exc.message}"
+            )
+        log.error(
+            "settlement_conflict",
+            external_id=record.external_id,
+            error=exc.message,
+            action="stopped: BitGo holds this externalId with a different body",
+        )
+        return {"settlement": record.external_id, "outcome": "conflict", "error": exc.message}
+    except BitGoError as exc:
+        with transaction() as session:
+            updated = settlements.attempted(session, record.id, reason=exc.message)
+        outcome: dict[str, Any] = {"settlement": record.external_id, "outcome": "error"}
+        if isinstance(exc, BitGoUnavailable) and updated is not None:
+            outcome["retry_in"] = round(_retry_later(updated), 3)
+        log.warning("settlement_post_failed", external_id=record.external_id, error=exc.message)
+        return outcome | {"error": exc.message}
+    status = str(answer.get("status", ""))
+    bitgo_id = str(answer["id"]) if answer.get("id") is not None else None
+    reason = str(answer["reason"]) if answer.get("reason") is not None else None
+    final = {"completed": SettlementStatus.COMPLETED, "rejected": SettlementStatus.REJECTED}
+    with transaction() as session:
+        if status in final:
+            updated = settlements.finish(
+                session,
+                record.id,
+                final[status],
+                reason=reason,
+                bitgo_id=bitgo_id,
+                bitgo_status=status,
+            )
+        else:
+            updated = settlements.attempted(
+                session,
+                record.id,
+                reason=reason or f"BitGo answered {status or 'no status'}",
+                bitgo_status=status or None,
+            )
+    outcome = {"settlement": record.external_id, "outcome": status or "unknown"}
+    if status not in final and updated is not None:
+        outcome["retry_in"] = round(_retry_later(updated), 3)
+    return outcome
+
+
+@app.task(name="workers.settlement.post_settlement", bind=True)
+def post_settlement(self: Any, settlement_id: str) -> dict[str, Any]:
+    """Post a pending settlement's stored body again; quiet once it is final."""
+    client = bitgo()
+    if client is None:
+        return report(self, {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"})
+    with transaction() as session:
+        record = settlements.get(session, uuid.UUID(settlement_id))
+    if record.status is not SettlementStatus.PENDING:
+        return {"settlement": record.external_id, "outcome": f"already {record.status.value}"}
+    with client:
+        return report(self, _post(client, record))
+
+
+@app.task(name="workers.settlement.run_settlement", bind=True)
+def run_settlement(self: Any) -> dict[str, Any]:
+    """Settle: resume the settlement in flight, or net the unsettled trades into a new one."""
+    client = bitgo()
+    if client is None:
+        return report(self, {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"})
+    with transaction() as session:
+        record = settlements.open_or_start(session)
+    if record is None:
+        return report(self, {"outcome": "nothing to settle"})
+    if record.status is SettlementStatus.COMPLETED:
+        return report(self, {"settlement": record.external_id, "outcome": "net zero, not posted"})
+    with client:
+        if record.status is SettlementStatus.PREPARING:
+            try:
+                record = _signed(client, record)
+            except BitGoError as exc:
+                log.warning("settlement_signing_failed", error=exc.message)
+                return report(
+                    self,
+                    {
+                        "settlement": record.external_id,
+                        "outcome": "signing failed",
+                        "error": exc.message,
+                    },
+                )
+        if record.status is not SettlementStatus.PENDING:
+            return report(self, {"settlement": record.external_id, "outcome": record.status.value})
+        return report(self, _post(client, record))
