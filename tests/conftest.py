@@ -59,20 +59,29 @@ def server_database_url() -> Iterator[str]:
         server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def database_url(server_database_url: str) -> Iterator[str]:
-    """A fresh, migrated database on the server, dropped after the run."""
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, migrated database on the server, dropped afterwards."""
     name = f"oes_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_database_url, autocommit=True) as admin:
+    with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    info = psycopg.conninfo.conninfo_to_dict(server_database_url)
+    info = psycopg.conninfo.conninfo_to_dict(server_url)
     info["dbname"] = name
     params = "&".join(f"{k}={v}" for k, v in info.items() if k not in ("dbname",) and v)
     url = f"postgresql:///{name}?{params}"
     upgrade(url)
-    yield url
-    with psycopg.connect(server_database_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    try:
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def database_url(server_database_url: str) -> Iterator[str]:
+    """A fresh, migrated database on the server, dropped after the run."""
+    with fresh_database(server_database_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,15 @@ from workers.settings import settings
 
 log = structlog.get_logger(__name__)
 DELIVER = "workers.hooks.deliver"
-_engines: dict[int, Engine] = {}
+_engines: dict[tuple[int, str], Engine] = {}
 
 
 def engine() -> Engine:
-    pid = os.getpid()
-    if pid not in _engines:
+    key = (os.getpid(), settings().database_url)
+    if key not in _engines:
         _engines.clear()  # a parent's engine, inherited through fork: never use it
-        _engines[pid] = sync_engine(settings().database_url, pool_size=2)
-    return _engines[pid]
+        _engines[key] = sync_engine(key[1], pool_size=2)
+    return _engines[key]
 
 
 def publish(app: Celery, event_ids: Iterable[uuid.UUID]) -> int:
