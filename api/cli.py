@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -148,6 +149,59 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    from models import outbox
+
+    status = outbox.EventStatus(args.status) if args.status else None
+    rows = _in_session(outbox.listing, status=status, limit=args.limit)
+    for e in rows:
+        error = f"  last error: {e.last_error}" if e.last_error else ""
+        print(
+            f"{e.created_at.isoformat(timespec='seconds')}  {e.id}  {e.topic:22}  "
+            f"{e.status.value:17}  attempts {e.attempts}{error}"
+        )
+    print(f"{len(rows)} event(s)")
+    return 0
+
+
+def cmd_outbox_redrive(args: argparse.Namespace) -> int:
+    import uuid
+
+    from models import outbox
+    from workers.celery import make_app
+    from workers.runtime import publish
+    from workers.settings import broker_url
+
+    if not args.all and not args.ids:
+        print("oes-partner: name event ids to re-drive, or pass --all", file=sys.stderr)
+        return 2
+    try:
+        ids = None if args.all else [uuid.UUID(i) for i in args.ids]
+    except ValueError:
+        print("oes-partner: event ids are UUIDs", file=sys.stderr)
+        return 2
+    revived = _in_session(outbox.redrive, ids)
+    app = make_app(broker_url(os.environ.get("REDIS_URL")))
+    queued = publish(app, revived)
+    app.close()
+    print(f"re-driven {len(revived)} dead letter(s), {queued} queued for delivery")
+    return 0
+
+
+def cmd_settlements_list(args: argparse.Namespace) -> int:
+    from models import settlements
+
+    rows = _in_session(settlements.listing, limit=args.limit)
+    for r in rows:
+        reason = f"  ({r.reason})" if r.reason else ""
+        print(
+            f"{r.created_at.isoformat(timespec='seconds')}  {r.external_id}  "
+            f"{r.status.value:9}  attempts {r.attempts}  {json.dumps(r.amounts)}{reason}"
+        )
+    print(f"{len(rows)} settlement(s)")
+    return 0
+
+
 def cmd_dev_jwt(args: argparse.Namespace) -> int:
     from api.devkeys import sign
 
@@ -202,6 +256,23 @@ def parser() -> argparse.ArgumentParser:
     led.add_parser("check", help="rebuild balances from entries and compare").set_defaults(
         func=cmd_ledger_check
     )
+
+    box = sub.add_parser("outbox", help="platform hook events")
+    bsub = box.add_subparsers(dest="outbox", required=True)
+    blist = bsub.add_parser("list", help="list events, newest first")
+    blist.add_argument("--status", choices=["pending", "delivered", "delivered_locally", "dead"])
+    blist.add_argument("--limit", type=int, default=100)
+    blist.set_defaults(func=cmd_outbox_list)
+    redrive = bsub.add_parser("redrive", help="send dead letters back for delivery")
+    redrive.add_argument("ids", nargs="*", metavar="EVENT_ID")
+    redrive.add_argument("--all", action="store_true", help="every dead letter")
+    redrive.set_defaults(func=cmd_outbox_redrive)
+
+    sett = sub.add_parser("settlements", help="settlements with BitGo")
+    ssub = sett.add_subparsers(dest="settlements", required=True)
+    slist = ssub.add_parser("list", help="list settlements, newest first")
+    slist.add_argument("--limit", type=int, default=50)
+    slist.set_defaults(func=cmd_settlements_list)
 
     dev = sub.add_parser("dev-jwt", help="print a BitGo-style JWT signed with a development key")
     dev.add_argument("--key", default=str(Path(".oes-data") / "bitgo-dev-private.pem"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from api.embedded import start_postgres, start_redis
 from api.observability import configure_logging
 from api.settings import Settings
 from models.migrate import upgrade
+from workers.celery import QUEUES
 
 
 def _internal_token(data_dir: Path) -> str:
@@ -58,14 +61,66 @@ def prepared(data_dir: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
                 stop()
 
 
+_SHARED = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN")
+
+
+def _write_env(data_dir: Path, env: dict[str, str]) -> Path:
+    """The settings the command line needs to reach these servers: ``set -a; . <file>``."""
+    path = data_dir / "env"
+    path.write_text("".join(f"{name}={env[name]}\n" for name in _SHARED))
+    path.chmod(0o600)
+    return path
+
+
+@contextlib.contextmanager
+def _worker(data_dir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A Celery worker with beat embedded, stopped (warm, then hard) when the block ends."""
+    # Our own interpreter and fixed arguments: nothing here comes from input.
+    process = subprocess.Popen(  # noqa: S603
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers",
+            "worker",
+            "--beat",
+            "--schedule",
+            str(data_dir / "celerybeat-schedule"),
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "1",
+            "--queues",
+            ",".join(QUEUES),
+        ],
+        env=env,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def run(*, data_dir: Path, host: str, port: int) -> int:
     with prepared(data_dir) as (env, notes):
         settings = Settings.from_env(env)
+        env_file = _write_env(data_dir.resolve(), env)
         print("oes-partner standalone")
         for note in notes:
             print(f"  {note}")
+        print(f"  settings for the command line: set -a; . {env_file}; set +a")
         print(f"  API listening on http://{host}:{port}  (OpenAPI at /openapi.json)")
+        print("  Celery worker with beat: hooks, settlement, remediation")
         print("  Ctrl-C stops everything", flush=True)
         configure_logging()
-        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None)
+        with _worker(data_dir.resolve(), env):
+            uvicorn.run(
+                create_app(settings), host=host, port=port, access_log=False, log_config=None
+            )
     return 0

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import BitGo, free_port, scratch_dir, wait_ready
@@ -73,6 +75,28 @@ def test_standalone_takes_an_allocation_end_to_end(
     assert bitgo.reserve("allocation", link, transfer_id, "250").json()["status"] == "reserved"
     assert bitgo.put("allocation", transfer_id, "clear").json()["status"] == "cleared"
     assert bitgo.balances(link) == (250, 0, 0)
+
+
+def test_standalone_runs_a_worker_that_records_events(standalone: Standalone) -> None:
+    """With no webhook configured the worker marks every event delivered locally."""
+    _, data, _ = standalone
+    settings = dict(line.split("=", 1) for line in (data / "env").read_text().splitlines() if line)
+    assert settings["DATABASE_URL"].startswith("postgresql://")
+
+    def undelivered() -> int:
+        with psycopg.connect(settings["DATABASE_URL"]) as connection:
+            row = connection.execute(
+                "SELECT count(*) FILTER (WHERE status = 'pending'),"
+                " count(*) FILTER (WHERE status = 'delivered_locally') FROM outbox"
+            ).fetchone()
+        assert row is not None
+        pending, recorded = row
+        return -1 if recorded == 0 else int(pending)
+
+    deadline = time.monotonic() + 30
+    while undelivered() != 0:
+        assert time.monotonic() < deadline, "the standalone worker left events pending"
+        time.sleep(0.2)
 
 
 def test_standalone_stops_cleanly_on_interrupt(
