@@ -12,7 +12,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.bitgo import runtime
-from api.observability import OUTBOX_BACKLOG, STALE_RESERVATIONS, TRANSFERS
+from api.observability import (
+    BALANCE_DRIFTS,
+    DEAD_LETTERS,
+    OPEN_SETTLEMENTS,
+    OUTBOX_BACKLOG,
+    SETTLEMENT_CONFLICTS,
+    STALE_RESERVATIONS,
+    TASK_LAST_RUN,
+    TRANSFERS,
+)
 from models.states import Kind, Status
 
 log = structlog.get_logger(__name__)
@@ -47,7 +56,15 @@ _GAUGES = text(
     """
     SELECT 'transfers' AS what, kind, status, count(*) FROM transfers GROUP BY kind, status
     UNION ALL
-    SELECT 'outbox', NULL, NULL, count(*) FROM outbox WHERE status = 'pending'
+    SELECT 'outbox', status, NULL, count(*) FROM outbox
+     WHERE status IN ('pending', 'dead') GROUP BY status
+    UNION ALL
+    SELECT 'settlements', status, NULL, count(*) FROM settlements
+     WHERE status IN ('preparing', 'pending', 'conflict') GROUP BY status
+    UNION ALL
+    SELECT 'task', task, summary->>'drifts', extract(epoch FROM finished_at)::bigint
+      FROM (SELECT DISTINCT ON (task) task, summary, finished_at FROM task_runs
+            ORDER BY task, finished_at DESC) AS last
     UNION ALL
     SELECT 'stale', NULL, NULL, count(*) FROM transfers
      WHERE status = 'reserved' AND updated_at < now() - make_interval(secs => :stale_after)
@@ -67,13 +84,25 @@ async def metrics(request: Request) -> Response:
         log.warning("metrics_state_unavailable", error=type(exc).__name__)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
     counts = {(k, s): 0 for k in Kind for s in Status}
-    for what, kind, status, count in rows:
+    outbox = {"pending": 0, "dead": 0}
+    settlements = {"preparing": 0, "pending": 0, "conflict": 0}
+    for what, name, detail, count in rows:
         if what == "transfers":
-            counts[(Kind(kind), Status(status))] = count
+            counts[(Kind(name), Status(detail))] = count
         elif what == "outbox":
-            OUTBOX_BACKLOG.set(count)
+            outbox[name] = count
+        elif what == "settlements":
+            settlements[name] = count
+        elif what == "task":
+            TASK_LAST_RUN.labels(name).set(count)
+            if name == "workers.remediation.reconcile_balances" and detail is not None:
+                BALANCE_DRIFTS.set(int(detail))
         else:
             STALE_RESERVATIONS.set(count)
+    OUTBOX_BACKLOG.set(outbox["pending"])
+    DEAD_LETTERS.set(outbox["dead"])
+    OPEN_SETTLEMENTS.set(settlements["preparing"] + settlements["pending"])
+    SETTLEMENT_CONFLICTS.set(settlements["conflict"])
     for (kind, status), count in counts.items():
         TRANSFERS.labels(kind.value, status.value).set(count)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

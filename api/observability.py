@@ -33,6 +33,17 @@ OUTBOX_BACKLOG = Gauge("oes_outbox_backlog", "Outbox events not yet delivered")
 STALE_RESERVATIONS = Gauge(
     "oes_stale_reservations", "Reserved transfers older than OES_STALE_AFTER"
 )
+DEAD_LETTERS = Gauge("oes_outbox_dead_letters", "Outbox events given up on, awaiting a re-drive")
+TASK_LAST_RUN = Gauge(
+    "oes_task_last_run_timestamp_seconds", "When each worker task last finished", ["task"]
+)
+BALANCE_DRIFTS = Gauge(
+    "oes_balance_drifts", "Accounts whose balance differed from BitGo's at the last reconcile"
+)
+OPEN_SETTLEMENTS = Gauge("oes_settlements_open", "Settlements not yet completed or rejected")
+SETTLEMENT_CONFLICTS = Gauge(
+    "oes_settlement_conflicts", "Settlements stopped by a 409 from BitGo, for an operator"
+)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

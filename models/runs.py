@@ -17,14 +17,3 @@ def record(session: Session, *, task: str, task_id: str | None, summary: dict[st
         ),
         {"task": task, "task_id": task_id, "summary": json.dumps(summary, default=str)},
     )
-
-
-def latest(session: Session) -> dict[str, tuple[float, dict[str, Any]]]:
-    """Each task's last run: (finished_at as Unix seconds, summary)."""
-    rows = session.execute(
-        text(
-            "SELECT DISTINCT ON (task) task, extract(epoch FROM finished_at), summary "
-            "FROM task_runs ORDER BY task, finished_at DESC"
-        )
-    )
-    return {task: (float(at), summary) for task, at, summary in rows}

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +22,8 @@ from tests.conftest import INTERNAL_TOKEN, BitGo, Link, LiveServer, row_count
 
 ROUTE = "/internal/v1/trades"
 MAX = 10**78 - 1  # the largest amount NUMERIC(78,0) holds
+# Starlette's TestClient answers with httpx2 responses, the live server's clients with httpx.
+Response = httpx.Response | httpx2.Response
 
 
 def new_id() -> str:
@@ -35,7 +38,7 @@ def trade(link: Link, external_id: str, deltas: dict[str, Any]) -> dict[str, Any
     }
 
 
-def post(bitgo: BitGo, body: Any) -> httpx.Response:
+def post(bitgo: BitGo, body: Any) -> Response:
     return bitgo.http.post(ROUTE, json=body, headers=bitgo.internal())
 
 
@@ -62,7 +65,7 @@ def totals(sessions: sessionmaker[Session]) -> tuple[int, int, int]:
     )
 
 
-def assert_error(answer: httpx.Response, status: int, message: str | None = None) -> None:
+def assert_error(answer: Response, status: int, message: str | None = None) -> None:
     assert answer.status_code == status, answer.text
     body = answer.json()
     assert set(body) == {"error"}

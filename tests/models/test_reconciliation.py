@@ -127,8 +127,9 @@ def test_reported_of_nothing_is_empty() -> None:
 
 
 def test_compare_finds_nothing_when_both_agree() -> None:
-    same = {(A, "btc"): 100, (B, "eth"): 5}
-    assert compare(same, dict(same)) == []
+    ours = {(A, "btc"): 100, (B, "eth"): 5}
+    theirs: dict[tuple[str, str], int | None] = {(A, "btc"): 100, (B, "eth"): 5}
+    assert compare(ours, theirs) == []
 
 
 def test_compare_reports_a_differing_figure() -> None:
@@ -155,7 +156,12 @@ def test_compare_reports_an_unreadable_figure_even_against_zero() -> None:
 
 def test_compare_returns_only_the_differing_keys_sorted() -> None:
     ours = {(B, "btc"): 1, (A, "usdc"): 2, (A, "btc"): 3, (A, "eth"): 4}
-    theirs = {(B, "btc"): 9, (A, "usdc"): 2, (A, "btc"): 8, (A, "eth"): 4}
+    theirs: dict[tuple[str, str], int | None] = {
+        (B, "btc"): 9,
+        (A, "usdc"): 2,
+        (A, "btc"): 8,
+        (A, "eth"): 4,
+    }
     assert compare(ours, theirs) == [Drift(A, "btc", 3, 8), Drift(B, "btc", 1, 9)]
 
 

@@ -153,3 +153,8 @@ def test_reconcile_reports_drift_and_changes_nothing(
     assert f"connection {link.connection_id} btc: expected 40 at BitGo, BitGo reports 35" in (
         stack.worker.log.read_text()
     )
+    metrics = stack.bitgo.http.get("/metrics").text
+    assert "oes_balance_drifts 1.0" in metrics
+    assert 'oes_task_last_run_timestamp_seconds{task="workers.remediation.reconcile_balances"}' in (
+        metrics
+    )
