@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ _SHARED = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN
 def _write_env(data_dir: Path, env: dict[str, str]) -> Path:
     """The settings the command line needs to reach these servers: ``set -a; . <file>``."""
     path = data_dir / "env"
-    path.write_text("".join(f"{name}={env[name]}\n" for name in _SHARED))
+    path.write_text("".join(f"{name}={shlex.quote(env[name])}\n" for name in _SHARED))
     path.chmod(0o600)
     return path
 

@@ -17,3 +17,16 @@ def record(session: Session, *, task: str, task_id: str | None, summary: dict[st
         ),
         {"task": task, "task_id": task_id, "summary": json.dumps(summary, default=str)},
     )
+
+
+def prune(session: Session, *, keep_days: int, limit: int = 10_000) -> int:
+    """Forget runs older than ``keep_days``, a bounded batch at a time."""
+    deleted = session.execute(
+        text(
+            "DELETE FROM task_runs WHERE id IN (SELECT id FROM task_runs"
+            " WHERE finished_at < now() - make_interval(days => :days) LIMIT :limit)"
+            " RETURNING id"
+        ),
+        {"days": keep_days, "limit": limit},
+    )
+    return len(deleted.all())

@@ -353,14 +353,31 @@ def listing(
     return [TransferRecord.from_row(r) for r in session.execute(query.limit(limit))]
 
 
-def stale(session: Session, *, older_than: float, limit: int) -> list[TransferRecord]:
-    """Reserved transfers untouched for ``older_than`` seconds, oldest first."""
+def stale(
+    session: Session,
+    *,
+    older_than: float,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> list[TransferRecord]:
+    """Reserved transfers untouched for ``older_than`` seconds, oldest first.
+
+    ``after`` is the last (updatedAt, id) seen, so a sweep pages past transfers that
+    stay reserved instead of meeting the same ones again.
+    """
     rows = session.execute(
         text(
             f"SELECT {_COLUMNS} FROM transfers WHERE status = 'reserved'"
             " AND updated_at < now() - make_interval(secs => :older_than)"
-            " ORDER BY updated_at LIMIT :limit"
+            " AND (CAST(:after_at AS timestamptz) IS NULL"
+            "      OR (updated_at, id) > (:after_at, :after_id))"
+            " ORDER BY updated_at, id LIMIT :limit"
         ),
-        {"older_than": older_than, "limit": limit},
+        {
+            "older_than": older_than,
+            "limit": limit,
+            "after_at": after[0] if after else None,
+            "after_id": after[1] if after else None,
+        },
     )
     return [TransferRecord.from_row(r) for r in rows]

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from psycopg import sql
@@ -33,6 +34,7 @@ from api.embedded import start_postgres, start_redis
 from api.settings import Settings
 from models.db import session_factory, sync_engine
 from models.migrate import upgrade
+from workers.celery import QUEUES
 
 INTERNAL_TOKEN = "test-internal-token-0123456789"
 
@@ -150,6 +152,9 @@ def settings(env: dict[str, str]) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+    # No worker consumes these tests' deliveries; leave the broker as we found it.
+    with redis.Redis.from_url(settings.redis_url) as broker:
+        broker.delete(*QUEUES)
 
 
 @pytest.fixture(scope="session")

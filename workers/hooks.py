@@ -9,6 +9,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import httpx
@@ -39,7 +40,9 @@ def body(event: OutboxEvent) -> bytes:
         {
             "id": str(event.id),
             "type": event.topic,
-            "createdAt": event.created_at.isoformat(),
+            "createdAt": event.created_at.astimezone(UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "data": event.payload,
         },
         separators=(",", ":"),

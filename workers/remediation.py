@@ -7,10 +7,10 @@ from typing import Any
 
 import structlog
 
-from models import outbox, reconciliation, transfers
+from models import outbox, reconciliation, runs, transfers
 from models.errors import DomainError
 from models.states import Action
-from workers.bitgo import BitGoError, BitGoNotFound
+from workers.bitgo import BitGoClient, BitGoError, BitGoNotFound
 from workers.celery import app
 from workers.runtime import bitgo, publish, report, transaction
 from workers.settings import settings
@@ -21,6 +21,8 @@ NOT_CONFIGURED = {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"
 # A relayed event is not relayed again for this long, so that a sweep every few
 # seconds does not queue the same delivery over and over while workers are busy.
 RELAY_LEASE = 120.0
+# task_runs rows (one per run; the relay alone runs every 15 s) are kept this long.
+RUNS_KEPT_DAYS = 14
 
 
 def _bitgo_action(record: transfers.TransferRecord, remote: dict[str, Any] | None) -> Action | str:
@@ -40,48 +42,59 @@ def _bitgo_action(record: transfers.TransferRecord, remote: dict[str, Any] | Non
     return "unexpected_status"
 
 
+def _converge(client: BitGoClient, record: transfers.TransferRecord) -> str:
+    """Bring one stale reservation in line with BitGo; what happened, as a summary key."""
+    ident = str(record.transfer_id)
+    try:
+        remote: dict[str, Any] | None = client.allocation(ident)
+    except BitGoNotFound:
+        remote = None
+    except BitGoError as exc:
+        log.warning("stale_lookup_failed", transfer_id=ident, error=exc.message)
+        return "errors"
+    action = _bitgo_action(record, remote)
+    if not isinstance(action, Action):
+        return action
+    try:
+        with transaction() as session:
+            result = transfers.settle(
+                session, kind=record.kind, transfer_id=record.transfer_id, action=action
+            )
+    except DomainError as exc:  # it moved on since we looked: BitGo got there first
+        log.info("stale_changed_meanwhile", transfer_id=ident, error=exc.message)
+        return "changed_meanwhile"
+    log.info(
+        "stale_converged",
+        transfer_id=ident,
+        kind=record.kind.value,
+        bitgo_status=remote.get("status") if remote else "unknown",
+        status=result.status.value,
+    )
+    return result.status.value
+
+
 @app.task(name="workers.remediation.sweep_stale_transfers", bind=True)
-def sweep_stale_transfers(self: Any, limit: int = 500) -> dict[str, Any]:
+def sweep_stale_transfers(self: Any, batch: int = 500, max_batches: int = 20) -> dict[str, Any]:
     """Converge reservations older than OES_STALE_AFTER with BitGo's view of them."""
     client = bitgo()
     if client is None:
         return report(self, NOT_CONFIGURED)
-    with transaction() as session:
-        stale = transfers.stale(session, older_than=settings().stale_after, limit=limit)
     counts: Counter[str] = Counter()
+    examined = 0
+    after = None
     with client:
-        for record in stale:
-            ident = str(record.transfer_id)
-            try:
-                remote: dict[str, Any] | None = client.allocation(ident)
-            except BitGoNotFound:
-                remote = None
-            except BitGoError as exc:
-                counts["errors"] += 1
-                log.warning("stale_lookup_failed", transfer_id=ident, error=exc.message)
-                continue
-            action = _bitgo_action(record, remote)
-            if not isinstance(action, Action):
-                counts[action] += 1
-                continue
-            try:
-                with transaction() as session:
-                    result = transfers.settle(
-                        session, kind=record.kind, transfer_id=record.transfer_id, action=action
-                    )
-            except DomainError as exc:  # it moved on since we looked: BitGo got there first
-                counts["changed_meanwhile"] += 1
-                log.info("stale_changed_meanwhile", transfer_id=ident, error=exc.message)
-                continue
-            counts[result.status.value] += 1
-            log.info(
-                "stale_converged",
-                transfer_id=ident,
-                kind=record.kind.value,
-                bitgo_status=remote.get("status") if remote else "unknown",
-                status=result.status.value,
-            )
-    return report(self, {"examined": len(stale), **dict(sorted(counts.items()))})
+        for _ in range(max_batches):
+            with transaction() as session:
+                page = transfers.stale(
+                    session, older_than=settings().stale_after, limit=batch, after=after
+                )
+            for record in page:
+                counts[_converge(client, record)] += 1
+            examined += len(page)
+            if len(page) < batch:
+                break
+            after = (page[-1].updated_at, page[-1].transfer_id)
+    return report(self, {"examined": examined, **dict(sorted(counts.items()))})
 
 
 @app.task(name="workers.remediation.relay_outbox", bind=True)
@@ -94,7 +107,9 @@ def relay_outbox(self: Any, batch: int = 500, max_batches: int = 20) -> dict[str
         relayed += publish(app, due)
         if len(due) < batch:
             break
-    return report(self, {"relayed": relayed})
+    with transaction() as session:
+        pruned = runs.prune(session, keep_days=RUNS_KEPT_DAYS)
+    return report(self, {"relayed": relayed, "runs_pruned": pruned})
 
 
 @app.task(name="workers.remediation.reconcile_balances", bind=True)

@@ -11,6 +11,9 @@ from celery.schedules import crontab
 
 from api.settings import Reader, Secret, SettingsError
 
+# Half the broker's visibility timeout (workers.celery): the longest a task may wait.
+MAX_COUNTDOWN = 1800.0
+
 
 def broker_url(redis_url: str | None = None) -> str:
     """Celery's broker: the same Redis as the web process (``REDIS_URL``)."""
@@ -85,6 +88,10 @@ class WorkerSettings:
         for name, url in (("BITGO_API_URL", api_url), ("BITGO_EXPRESS_URL", express)):
             if url and not url.startswith(("http://", "https://")):
                 raise SettingsError(f"{name} must start with http:// or https://")
+        backoff_max = reader.number("OES_HOOK_BACKOFF_MAX", 600.0)
+        if backoff_max > MAX_COUNTDOWN:
+            # A countdown past the broker's visibility timeout is delivered twice.
+            raise SettingsError(f"OES_HOOK_BACKOFF_MAX must be at most {MAX_COUNTDOWN:.0f} seconds")
         line = reader.text("OES_SETTLEMENT_SCHEDULE", cls.settlement_schedule)
         schedule(line)
         token = reader.text("BITGO_ACCESS_TOKEN", "")
@@ -96,7 +103,7 @@ class WorkerSettings:
             hook_secret=Secret(secret) if secret else None,
             hook_max_attempts=reader.integer("OES_HOOK_MAX_ATTEMPTS", 15, minimum=1),
             hook_backoff=reader.number("OES_HOOK_BACKOFF", 2.0),
-            hook_backoff_max=reader.number("OES_HOOK_BACKOFF_MAX", 600.0),
+            hook_backoff_max=backoff_max,
             hook_timeout=reader.number("OES_HOOK_TIMEOUT", 10.0),
             outbox_grace=reader.integer("OES_OUTBOX_GRACE", 30, minimum=0),
             bitgo_api_url=api_url,

@@ -10,13 +10,12 @@ import structlog
 from models import settlements
 from models.errors import InvariantViolation
 from models.settlements import SettlementRecord, SettlementStatus
-from workers.bitgo import BitGoClient, BitGoConflict, BitGoError, BitGoUnavailable
+from workers.bitgo import BitGoClient, BitGoConflict, BitGoError
 from workers.celery import app
 from workers.runtime import bitgo, report, transaction
-from workers.settings import settings
+from workers.settings import MAX_COUNTDOWN, settings
 
 log = structlog.get_logger(__name__)
-MAX_RETRY_DELAY = 1800.0  # below the broker's visibility timeout, so a countdown never doubles
 
 
 def _signed(client: BitGoClient, record: SettlementRecord) -> SettlementRecord:
@@ -35,7 +34,9 @@ def _signed(client: BitGoClient, record: SettlementRecord) -> SettlementRecord:
 
 
 def _retry_later(record: SettlementRecord) -> float:
-    delay = min(MAX_RETRY_DELAY, settings().settlement_retry * 2.0 ** min(record.attempts, 10))
+    # ``attempts`` already counts the attempt that just failed.
+    exponent = min(max(record.attempts - 1, 0), 10)
+    delay = min(MAX_COUNTDOWN, settings().settlement_retry * 2.0**exponent)
     post_settlement.apply_async((str(record.id),), countdown=delay)
     return delay
 
@@ -62,7 +63,7 @@ def _post(client: BitGoClient, record: SettlementRecord) -> dict[str, Any]:
         with transaction() as session:
             updated = settlements.attempted(session, record.id, reason=exc.message)
         outcome: dict[str, Any] = {"settlement": record.external_id, "outcome": "error"}
-        if isinstance(exc, BitGoUnavailable) and updated is not None:
+        if updated is not None:
             outcome["retry_in"] = round(_retry_later(updated), 3)
         log.warning("settlement_post_failed", external_id=record.external_id, error=exc.message)
         return outcome | {"error": exc.message}
@@ -113,6 +114,9 @@ def run_settlement(self: Any) -> dict[str, Any]:
     client = bitgo()
     if client is None:
         return report(self, {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"})
+    if settings().bitgo_express_url is None or settings().bitgo_wallet_id is None:
+        client.close()
+        return report(self, {"skipped": "BITGO_EXPRESS_URL or BITGO_WALLET_ID not set"})
     with transaction() as session:
         record = settlements.open_or_start(session)
     if record is None:

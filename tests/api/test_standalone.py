@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -80,7 +81,10 @@ def test_standalone_takes_an_allocation_end_to_end(
 def test_standalone_runs_a_worker_that_records_events(standalone: Standalone) -> None:
     """With no webhook configured the worker marks every event delivered locally."""
     _, data, _ = standalone
-    settings = dict(line.split("=", 1) for line in (data / "env").read_text().splitlines() if line)
+    # The file is for a shell (values are shell-quoted); read it the way a shell would.
+    settings = dict(
+        line.split("=", 1) for line in shlex.split((data / "env").read_text(), comments=True)
+    )
     assert settings["DATABASE_URL"].startswith("postgresql://")
 
     def undelivered() -> int:

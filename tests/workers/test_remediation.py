@@ -98,7 +98,7 @@ def test_stale_reservations_converge_with_bitgo(
     assert stack.bitgo.balances(link) == (890, 1007, 110)
 
     runs = len(stack.runs("workers.remediation.sweep_stale_transfers"))
-    stack.call("workers.remediation.sweep_stale_transfers")
+    stack.call("workers.remediation.sweep_stale_transfers", 2)  # pages of two
     summary = stack.wait_run("workers.remediation.sweep_stale_transfers", runs)
 
     assert _status(stack, cleared_there) == "cleared"
