@@ -28,6 +28,7 @@ P = ParamSpec("P")
 _ATTEMPTS = 3
 _TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 T = TypeVar("T")
+FLUSH_EVERY = 0.05  # seconds; what an event may wait before its delivery is queued
 
 
 @dataclass
@@ -39,7 +40,8 @@ class Runtime:
     verifier: Verifier
     rules: Rules
     publisher: Celery
-    publishing: set[asyncio.Future[int]] = field(default_factory=set)
+    outgoing: list[uuid.UUID] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
@@ -68,8 +70,8 @@ class Runtime:
         )
 
     async def stop(self) -> None:
-        if self.publishing:
-            await asyncio.wait(self.publishing, timeout=5)
+        if self.flusher is not None:
+            await asyncio.wait([self.flusher], timeout=5)
         self.publisher.close()
         await self.redis.aclose()
         await self.engine.dispose()
@@ -95,15 +97,23 @@ class Runtime:
         raise AssertionError("unreachable")
 
     def _publish(self, event_ids: list[uuid.UUID]) -> None:
-        """Queue the committed events' deliveries off the request path, in a thread.
+        """Queue the committed events' deliveries off the request path.
 
-        The broker client is blocking; if it fails, the events stay pending in the
+        Events gather for FLUSH_EVERY and while a publish is in flight, and go out
+        together, so under load one broker message carries many events. The broker client
+        blocks, so it runs in a thread; if it fails, the events stay pending in the
         outbox and the relay sweep queues them later.
         """
         if not event_ids:
             return
-        future = asyncio.get_running_loop().run_in_executor(
-            None, publish, self.publisher, event_ids
-        )
-        self.publishing.add(future)
-        future.add_done_callback(self.publishing.discard)
+        self.outgoing.extend(event_ids)
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.outgoing:
+            # A moment's wait lets a busy process put many events in one message.
+            await asyncio.sleep(FLUSH_EVERY)
+            batch, self.outgoing = self.outgoing, []
+            await loop.run_in_executor(None, publish, self.publisher, batch)

@@ -108,6 +108,25 @@ def delivered(session: Session, event_id: uuid.UUID, *, locally: bool = False) -
     )
 
 
+def delivered_locally(session: Session, event_ids: list[uuid.UUID]) -> int:
+    """Mark pending events recorded (no webhook configured), skipping any being delivered."""
+    rows = session.execute(
+        text(
+            """
+            WITH claimed AS (
+                SELECT id FROM outbox WHERE id = ANY(:ids) AND status = 'pending'
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE outbox o SET status = 'delivered_locally', delivered_at = now()
+            FROM claimed WHERE o.id = claimed.id
+            RETURNING o.id
+            """
+        ),
+        {"ids": event_ids},
+    )
+    return len(rows.all())
+
+
 def failed(
     session: Session, event_id: uuid.UUID, *, error: str, retry_in: float | None
 ) -> EventStatus:

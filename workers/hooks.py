@@ -123,6 +123,18 @@ def deliver(event_id: str) -> str:
     return status.value
 
 
+@app.task(name="workers.hooks.deliver_many")
+def deliver_many(event_ids: list[str]) -> str:
+    """Deliver a batch: recorded at once when no webhook is set, else one task per event."""
+    if settings().hook_url is None:
+        with transaction() as session:
+            done = outbox.delivered_locally(session, [uuid.UUID(i) for i in event_ids])
+        return f"{done} delivered_locally"
+    for event_id in event_ids:
+        deliver.delay(event_id)
+    return f"{len(event_ids)} queued"
+
+
 @app.task(name="workers.hooks.redrive_dead", bind=True)
 def redrive_dead(self: Any, event_ids: list[str] | None = None) -> dict[str, Any]:
     """Send dead letters (all, or the given ids) back for delivery."""
@@ -133,4 +145,4 @@ def redrive_dead(self: Any, event_ids: list[str] | None = None) -> dict[str, Any
     return report(self, {"redriven": len(revived)})
 
 
-__all__ = ["EventStatus", "deliver", "redrive_dead", "signature"]
+__all__ = ["EventStatus", "deliver", "deliver_many", "redrive_dead", "signature"]

@@ -24,6 +24,8 @@ from workers.settings import settings
 
 log = structlog.get_logger(__name__)
 DELIVER = "workers.hooks.deliver"
+DELIVER_MANY = "workers.hooks.deliver_many"
+BATCH = 500
 _engines: dict[tuple[int, str], Engine] = {}
 
 
@@ -36,14 +38,19 @@ def engine() -> Engine:
 
 
 def publish(app: Celery, event_ids: Iterable[uuid.UUID]) -> int:
-    """Queue a delivery for each event; the relay re-sends whatever this fails to queue."""
+    """Queue deliveries for events, many to a message; the relay re-sends what this fails to."""
+    ids = [str(i) for i in event_ids]
     sent = 0
-    for event_id in event_ids:
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start : start + BATCH]
         try:
-            app.send_task(DELIVER, args=[str(event_id)])
-            sent += 1
-        except Exception as exc:  # the broker is down: the outbox row stays pending
-            log.warning("publish_failed", event_id=str(event_id), error=str(exc))
+            if len(chunk) == 1:
+                app.send_task(DELIVER, args=chunk)
+            else:
+                app.send_task(DELIVER_MANY, args=[chunk])
+            sent += len(chunk)
+        except Exception as exc:  # the broker is down: the outbox rows stay pending
+            log.warning("publish_failed", events=len(chunk), error=str(exc))
     return sent
 
 
