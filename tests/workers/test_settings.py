@@ -96,7 +96,7 @@ def test_beat_schedules_every_sweep_and_the_settlement_on_registered_tasks() -> 
 def test_every_task_has_its_module_name_and_acks_late() -> None:
     app.loader.import_default_modules()
     ours = {name: task for name, task in app.tasks.items() if name.startswith("workers.")}
-    assert len(ours) == 7
+    assert len(ours) == 8
     for name, task in ours.items():
         assert name == f"{task.__module__}.{task.__wrapped__.__name__}"
         assert task.acks_late is True
