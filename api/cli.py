@@ -274,6 +274,10 @@ def parser() -> argparse.ArgumentParser:
     slist.add_argument("--limit", type=int, default=50)
     slist.set_defaults(func=cmd_settlements_list)
 
+    from api.sandbox.cli import add_parser as add_sandbox
+
+    add_sandbox(sub)
+
     dev = sub.add_parser("dev-jwt", help="print a BitGo-style JWT signed with a development key")
     dev.add_argument("--key", default=str(Path(".oes-data") / "bitgo-dev-private.pem"))
     dev.add_argument("--lifetime", type=int, default=60)
