@@ -64,7 +64,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_standalone(args: argparse.Namespace) -> int:
     from api.standalone import run
 
-    return run(data_dir=Path(args.data_dir), host=args.host, port=args.port)
+    return run(
+        data_dir=Path(args.data_dir),
+        host=args.host,
+        port=args.port,
+        sandbox_port=None if args.no_sandbox else args.sandbox_port,
+    )
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -223,6 +228,12 @@ def parser() -> argparse.ArgumentParser:
     standalone.add_argument("--data-dir", default=os.environ.get("OES_DATA_DIR", ".oes-data"))
     standalone.add_argument("--host", default="127.0.0.1")
     standalone.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
+    standalone.add_argument(
+        "--sandbox-port", type=int, default=os.environ.get("OES_SANDBOX_PORT", "8100")
+    )
+    standalone.add_argument(
+        "--no-sandbox", action="store_true", help="do not run the BitGo sandbox beside it"
+    )
     standalone.set_defaults(func=cmd_standalone)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)

@@ -17,6 +17,7 @@ from api.app import create_app
 from api.devkeys import ensure_key_pair
 from api.embedded import start_postgres, start_redis
 from api.observability import configure_logging
+from api.sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, SANDBOX_WALLET
 from api.settings import Settings
 from models.migrate import upgrade
 from workers.celery import QUEUES
@@ -74,29 +75,10 @@ def _write_env(data_dir: Path, env: dict[str, str]) -> Path:
 
 
 @contextlib.contextmanager
-def _worker(data_dir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A Celery worker with beat embedded, stopped (warm, then hard) when the block ends."""
+def _child(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process of ours, stopped (warm, then hard) when the block ends."""
     # Our own interpreter and fixed arguments: nothing here comes from input.
-    process = subprocess.Popen(  # noqa: S603
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers",
-            "worker",
-            "--beat",
-            "--schedule",
-            str(data_dir / "celerybeat-schedule"),
-            "--loglevel",
-            "INFO",
-            "--concurrency",
-            "1",
-            "--queues",
-            ",".join(QUEUES),
-        ],
-        env=env,
-    )
+    process = subprocess.Popen([sys.executable, "-m", *command], env=env)  # noqa: S603
     try:
         yield process
     finally:
@@ -108,20 +90,72 @@ def _worker(data_dir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[by
             process.wait()
 
 
-def run(*, data_dir: Path, host: str, port: int) -> int:
-    with prepared(data_dir) as (env, notes):
+def _worker_command(data_dir: Path) -> list[str]:
+    """A Celery worker with beat embedded."""
+    return [
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "--beat",
+        "--schedule",
+        str(data_dir / "celerybeat-schedule"),
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        "1",
+        "--queues",
+        ",".join(QUEUES),
+    ]
+
+
+def _wire_sandbox(env: dict[str, str], sandbox_url: str) -> bool:
+    """Point the workers at the sandbox, unless a real BitGo is configured."""
+    if env.get("BITGO_API_URL"):
+        return False
+    env.update(
+        BITGO_API_URL=sandbox_url,
+        BITGO_EXPRESS_URL=sandbox_url,
+        BITGO_ACCESS_TOKEN=SANDBOX_ACCESS_TOKEN,
+        BITGO_ENTERPRISE_ID=SANDBOX_ENTERPRISE,
+        BITGO_WALLET_ID=SANDBOX_WALLET,
+    )
+    return True
+
+
+def run(*, data_dir: Path, host: str, port: int, sandbox_port: int | None) -> int:
+    data_dir = data_dir.resolve()
+    with prepared(data_dir) as (env, notes), contextlib.ExitStack() as children:
         settings = Settings.from_env(env)
-        env_file = _write_env(data_dir.resolve(), env)
+        sandbox_url = f"http://{host}:{sandbox_port}"
+        sandbox = sandbox_port is not None and _wire_sandbox(env, sandbox_url)
+        env_file = _write_env(data_dir, env)
         print("oes-partner standalone")
         for note in notes:
             print(f"  {note}")
         print(f"  settings for the command line: set -a; . {env_file}; set +a")
         print(f"  API listening on http://{host}:{port}  (OpenAPI at /openapi.json)")
         print("  Celery worker with beat: hooks, settlement, remediation")
+        if sandbox:
+            print(f"  BitGo sandbox on {sandbox_url}, wired to the gateway and the workers")
+            print("  try: oes-partner sandbox connect --partners-client-id alice")
+            print("       oes-partner sandbox allocate --connection alice --quantity 100000")
         print("  Ctrl-C stops everything", flush=True)
         configure_logging()
-        with _worker(data_dir.resolve(), env):
-            uvicorn.run(
-                create_app(settings), host=host, port=port, access_log=False, log_config=None
-            )
+        children.enter_context(_child(_worker_command(data_dir), env))
+        if sandbox:
+            command = [
+                "api.cli",
+                "sandbox",
+                "--host",
+                host,
+                "--port",
+                str(sandbox_port),
+                "--gateway",
+                f"http://{host}:{port}",
+                "--data-dir",
+                str(data_dir),
+            ]
+            children.enter_context(_child(command, env))
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None)
     return 0

@@ -20,12 +20,14 @@ from tests.conftest import BitGo, free_port, scratch_dir, wait_ready
 
 UNSET = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN")
 Standalone = tuple[str, Path, subprocess.Popen[str]]
+SANDBOX_PORT: list[int] = []
 
 
 @pytest.fixture(scope="module")
 def standalone() -> Iterator[Standalone]:
     with scratch_dir("oes-standalone-") as data:
         port = free_port()
+        SANDBOX_PORT.append(free_port())
         env = {k: v for k, v in os.environ.items() if k not in UNSET}
         process = subprocess.Popen(
             [
@@ -37,6 +39,8 @@ def standalone() -> Iterator[Standalone]:
                 str(data),
                 "--port",
                 str(port),
+                "--sandbox-port",
+                str(SANDBOX_PORT[-1]),
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -101,6 +105,30 @@ def test_standalone_runs_a_worker_that_records_events(standalone: Standalone) ->
     while undelivered() != 0:
         assert time.monotonic() < deadline, "the standalone worker left events pending"
         time.sleep(0.2)
+
+
+def test_three_commands_take_a_first_allocation_through_the_sandbox(
+    standalone: Standalone,
+) -> None:
+    """README: standalone, then ``sandbox connect`` and ``sandbox allocate``."""
+    url, data, _ = standalone
+    common = ["--port", str(SANDBOX_PORT[-1]), "--gateway", url, "--data-dir", str(data)]
+
+    def cli(*command: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "api.cli", "sandbox", *common, *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "HTTP 200" in cli("connect", "--partners-client-id", "alice")
+    out = cli("allocate", "--connection", "alice", "--quantity", "100000")
+    assert "HTTP 200" in out
+    assert '"status": "cleared"' in out
+    assert '"btc"' in cli("balances")
 
 
 def test_standalone_stops_cleanly_on_interrupt(
