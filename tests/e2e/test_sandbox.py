@@ -7,6 +7,7 @@ import uuid
 
 from tests.conftest import INTERNAL_TOKEN
 from tests.e2e.conftest import System
+from tests.workers.conftest import eventually
 
 
 def _balance(system: System, partners_connection_id: str, currency: str = "btc") -> int:
@@ -166,4 +167,54 @@ def test_a_standing_rule_and_a_replayed_nonce(system: System) -> None:
     reused = client.transfer("allocation", cid, 5, nonce=nonce)
     assert reused.status_code == 400
     assert reused.json()["error"] == "nonce already used"
+    system.assert_agree()
+
+
+def test_a_failed_settlement_is_reposted_until_completed(system: System) -> None:
+    client = system.client()
+    connection = client.connect(f"gus-{uuid.uuid4().hex[:6]}")
+    cid, pcid = connection["id"], connection["partnersConnectionId"]
+    assert client.transfer("allocation", cid, 500, currency="eth").status_code == 200
+    trade = system.gateway.post(
+        "/internal/v1/trades",
+        json={
+            "externalId": f"t-{uuid.uuid4()}",
+            "partnersConnectionId": pcid,
+            "deltas": {"eth": "25"},
+        },
+        headers={"Authorization": f"Bearer {INTERNAL_TOKEN}"},
+    )
+    assert trade.status_code == 200
+    system.sandbox.post("/sandbox/faults", json={"mode": "fail", "times": 1})
+
+    summary = system.run("workers.settlement.run_settlement")
+    assert summary["outcome"] == "failed", summary
+
+    def completed() -> dict[str, object] | None:
+        for s in system.sandbox.get("/sandbox/settlements").json()["settlements"]:
+            if cid in s["settlementAmounts"] and s["status"] == "completed":
+                return dict(s)
+        return None
+
+    settled = eventually(completed, timeout=30, what="the re-posted settlement to complete")
+    assert settled["settlementAmounts"] == {cid: {"eth": "25"}}
+    assert _bitgo_balance(system, cid, "eth") == (525, 0)
+    system.assert_agree()
+
+
+def test_a_deallocation_whose_answer_is_lost_is_retried_and_clears_once(system: System) -> None:
+    client = system.client()
+    connection = client.connect(f"hal-{uuid.uuid4().hex[:6]}")
+    cid, pcid = connection["id"], connection["partnersConnectionId"]
+    assert client.transfer("allocation", cid, 100).status_code == 200
+    external, nonce = str(uuid.uuid4()), uuid.uuid4().hex
+    lost = client.transfer(
+        "deallocation", cid, 40, external_id=external, nonce=nonce, fault="timeout"
+    )
+    assert lost.status_code == 500
+    assert _balance(system, pcid) == 60  # held at the gateway
+    again = client.transfer("deallocation", cid, 40, external_id=external, nonce=nonce)
+    assert again.status_code == 200
+    assert _balance(system, pcid) == 60
+    assert _bitgo_balance(system, cid) == (60, 0)
     system.assert_agree()
