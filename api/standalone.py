@@ -110,8 +110,11 @@ def _worker_command(data_dir: Path) -> list[str]:
 
 
 def _wire_sandbox(env: dict[str, str], sandbox_url: str) -> bool:
-    """Point the workers at the sandbox, unless a real BitGo is configured."""
-    if env.get("BITGO_API_URL"):
+    """Point the workers at the sandbox, unless a real BitGo (URL or keys) is configured.
+
+    The sandbox signs with the development key pair, so the gateway must trust it.
+    """
+    if env.get("BITGO_API_URL") or os.environ.get("BITGO_PUBLIC_KEYS"):
         return False
     env.update(
         BITGO_API_URL=sandbox_url,

@@ -25,6 +25,7 @@ from api.sandbox.store import (
     Store,
     hmac_hex,
     now,
+    requested_fault,
 )
 
 CLIENT = "/api/network/v1/enterprises/{enterprise}/clients/connections"
@@ -177,6 +178,13 @@ def _transfer(kind: str) -> Any:
         if signature != hmac_hex(key, payload):
             raise Refused(401, "Invalid signature")
         fields = {k: body.get(k) for k in _SIGNED}
+        requested = None
+        if "x-sandbox-fault" in request.headers:
+            requested = requested_fault(request.headers["x-sandbox-fault"])
+            if requested is None:
+                raise Refused(
+                    400, f"X-Sandbox-Fault must be one of {', '.join(FAULT_MODES)} (delay:SECONDS)"
+                )
         async with store.locks[f"{enterprise}:{kind}:{external}"]:
             owner = store.nonces.get((enterprise, nonce))
             if owner is not None and owner != f"{kind}:{external}":
@@ -184,7 +192,7 @@ def _transfer(kind: str) -> Any:
             existing = store.by_external.get((enterprise, kind, external))
             if existing is not None:
                 allocation = store.allocations[existing]
-                if allocation.request != fields:
+                if allocation.request != fields or allocation.connection_id != connection_id:
                     raise Refused(409, "clientExternalId already used with different parameters")
                 if not (allocation.status == "reserved" and allocation.retriable):
                     return _answer(allocation)
@@ -205,7 +213,7 @@ def _transfer(kind: str) -> Any:
                 store.by_external[(enterprise, kind, external)] = allocation.id
                 store.nonces[(enterprise, nonce)] = f"{kind}:{external}"
                 store.move(allocation, "reserved")
-            fault = store.take_fault(kind, request.headers.get("x-sandbox-fault"))
+            fault = store.take_fault(kind, requested)
             await _drive(_gateway(request), store, allocation, fault)
             return _answer(allocation)
 
@@ -238,6 +246,7 @@ async def _drive(gateway: Gateway, store: Store, a: Allocation, fault: Fault | N
         if state in ("cleared", "released"):  # a re-send after a lost answer: take its word
             store.move(a, state)
             a.retriable = False
+            a.reason = None if state == "cleared" else "Released by partner"
             return
         mode = fault.mode if fault else None
         if mode == "no_clear":  # BitGo settles on its side; the clear call is lost
@@ -304,7 +313,12 @@ async def list_allocations(request: Request) -> Response:
         for a in store.allocations.values()
         if all(not f or getattr(a, fields[n]) in f for n, f in filters.items())
     ]
-    page, size = int(q.get("pageNumber", "0")), int(q.get("pageSize", "100"))
+    try:
+        page, size = int(q.get("pageNumber", "0")), int(q.get("pageSize", "100"))
+    except ValueError:
+        raise Refused(400, "pageNumber and pageSize must be integers") from None
+    if page < 0 or size < 1:
+        raise Refused(400, "pageNumber must be >= 0 and pageSize >= 1")
     chosen = rows[page * size : (page + 1) * size]
     return JSONResponse({"allocations": [a.render(with_type=True) for a in chosen]})
 
@@ -406,17 +420,7 @@ async def register_client(request: Request) -> Response:
 async def faults(request: Request) -> Response:
     store = _store(request)
     if request.method == "POST":
-        body = await _body(request)
-        mode = body.get("mode")
-        if mode not in (*FAULT_MODES, "fail"):
-            raise Refused(400, f"mode must be one of {', '.join(FAULT_MODES)}, fail")
-        times = body.get("times", 1)
-        kinds = body.get("kinds") or (
-            ["settlement"] if mode == "fail" else ["allocation", "deallocation"]
-        )
-        store.faults.append(
-            Fault(mode=mode, seconds=float(body.get("seconds", 0)), times=times, kinds=tuple(kinds))
-        )
+        store.faults.append(_fault_rule(await _body(request)))
     elif request.method == "DELETE":
         store.faults.clear()
     return JSONResponse({"faults": [f.render() for f in store.faults]})
@@ -435,6 +439,23 @@ async def list_settlements(request: Request) -> Response:
             ]
         }
     )
+
+
+def _fault_rule(body: dict[str, Any]) -> Fault:
+    mode = body.get("mode")
+    if mode not in (*FAULT_MODES, "fail"):
+        raise Refused(400, f"mode must be one of {', '.join(FAULT_MODES)}, fail")
+    times = body.get("times", 1)
+    if times is not None and (not isinstance(times, int) or isinstance(times, bool) or times < 0):
+        raise Refused(400, "times must be a whole number (0 or null: a standing rule)")
+    seconds = body.get("seconds", 0)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds <= 600:
+        raise Refused(400, "seconds must be a number from 0 to 600")
+    known = ("settlement",) if mode == "fail" else ("allocation", "deallocation")
+    kinds = body.get("kinds", list(known))
+    if not isinstance(kinds, list) or not kinds or not set(kinds) <= set(known):
+        raise Refused(400, f"kinds must be a list drawn from {', '.join(known)}")
+    return Fault(mode=mode, seconds=float(seconds), times=times or None, kinds=tuple(kinds))
 
 
 async def on_refused(request: Request, exc: Exception) -> Response:

@@ -64,6 +64,7 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--quantity", required=True)
         p.add_argument("--client-external-id", default=None)
         p.add_argument("--notes", default=None)
+        p.add_argument("--nonce", default=None, help="re-send a request: its nonce again")
         p.add_argument("--fault", default=None, help="misbehave on this call only")
         p.set_defaults(func=cmd_transfer, kind=kind[:-1] + "ion")
     client.add_parser("balances", help="BitGo's balances per connection").set_defaults(
@@ -179,7 +180,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         fields: dict[str, Any] = {
             "amount": {"currency": args.currency, "quantity": str(args.quantity)},
             "clientExternalId": args.client_external_id or f"cli-{uuid.uuid4()}",
-            "nonce": uuid.uuid4().hex,
+            "nonce": args.nonce or uuid.uuid4().hex,
         }
         if args.notes:
             fields["notes"] = args.notes

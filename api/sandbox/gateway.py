@@ -59,7 +59,8 @@ class Gateway:
             answers = await asyncio.gather(
                 self._send(method, path, body), self._send(method, path, body)
             )
-            answer = answers[0]
+            # Report the one that did the work, as BitGo would after a retry.
+            answer = next((a for a in answers if a.status_code == 200), answers[0])
             log.info("sandbox_duplicated", path=path, statuses=[a.status_code for a in answers])
         else:
             answer = await self._send(method, path, body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 import uuid
 from collections import defaultdict
@@ -14,6 +15,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 FAULT_MODES = ("timeout", "duplicate", "delay", "no_clear", "release")
+_SECONDS = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
+
+
+def requested_fault(text: str) -> Fault | None:
+    """A per-call fault, ``mode`` or ``delay:SECONDS``; None if it is not one."""
+    mode, colon, seconds = text.partition(":")
+    if mode not in FAULT_MODES or (colon and not _SECONDS.fullmatch(seconds)):
+        return None
+    return Fault(mode=mode, seconds=float(seconds or 0))
 
 
 def now() -> str:
@@ -153,11 +163,10 @@ class Store:
         self.client_ids.setdefault(enterprise, str(uuid.uuid4()))
         return enterprise, key
 
-    def take_fault(self, kind: str, requested: str | None) -> Fault | None:
+    def take_fault(self, kind: str, requested: Fault | None = None) -> Fault | None:
         """The fault for this call: one named on the request, else the first rule matching."""
-        if requested:
-            mode, _, seconds = requested.partition(":")
-            return Fault(mode=mode, seconds=float(seconds or 0))
+        if requested is not None:
+            return requested
         for rule in self.faults:
             if kind in rule.kinds:
                 if rule.times is not None:

@@ -104,6 +104,8 @@ def test_an_answer_lost_in_a_timeout_is_retried_by_the_client_and_clears(system:
     again = client.transfer("allocation", cid, 70, external_id=external, nonce=nonce)
     assert again.status_code == 200, again.text
     assert again.json()["allocation"]["id"] == transfer_id
+    assert again.json()["allocation"]["reason"] is None
+    assert again.json()["allocation"]["retriable"] is False
     assert system.gateway_status(transfer_id) == "cleared"
     system.assert_agree()
 

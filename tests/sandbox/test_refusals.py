@@ -176,3 +176,58 @@ def test_fault_rules_parse(text: str, mode: str, seconds: float, times: int | No
 
 def test_an_unknown_fault_mode_is_refused(sandbox: TestClient) -> None:
     assert sandbox.post("/sandbox/faults", json={"mode": "explode"}).status_code == 400
+
+
+@pytest.mark.parametrize("header", ["bogus", "delay:abc", "delay:2s", "timeout:"])
+def test_a_bad_fault_header_is_400_and_reserves_nothing(
+    sandbox: TestClient, client: tuple[str, str, str], header: str
+) -> None:
+    enterprise, key, connection = client
+    answer = sandbox.post(
+        _url(enterprise, connection),
+        json=_body(enterprise, key, connection),
+        headers={"X-Sandbox-Fault": header},
+    )
+    assert answer.status_code == 400
+    assert sandbox.app.state.store.allocations == {}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"mode": "timeout", "times": "2"},
+        {"mode": "delay", "seconds": "x"},
+        {"mode": "delay", "seconds": -1},
+        {"mode": "fail", "kinds": "settlement"},
+        {"mode": "release", "kinds": ["settlement"]},
+    ],
+)
+def test_a_malformed_fault_rule_is_400_and_not_kept(
+    sandbox: TestClient, rule: dict[str, Any]
+) -> None:
+    assert sandbox.post("/sandbox/faults", json=rule).status_code == 400
+    assert sandbox.get("/sandbox/faults").json() == {"faults": []}
+
+
+def test_a_client_external_id_reused_on_another_connection_is_409(
+    sandbox: TestClient, client: tuple[str, str, str]
+) -> None:
+    enterprise, key, connection = client
+    store: Store = sandbox.app.state.store  # type: ignore[attr-defined]
+    first = _body(enterprise, key, connection)
+    # No gateway answers, so the first try stays reserved and retriable.
+    assert sandbox.post(_url(enterprise, connection), json=first).status_code == 500
+    other = str(uuid.uuid4())
+    store.connections[other] = Connection(
+        id=other,
+        enterprise_id=enterprise,
+        client_id=store.client_ids[enterprise],
+        partners_client_id="alice",
+        partners_connection_id=str(uuid.uuid4()),
+    )
+    fields = {k: first[k] for k in ("amount", "clientExternalId", "nonce")}
+    payload = json.dumps({**fields, "connectionId": other, "enterpriseId": enterprise})
+    again = {**fields, "payload": payload, "signature": hmac_hex(key, payload)}
+    answer = sandbox.post(_url(enterprise, other), json=again)
+    assert answer.status_code == 409
+    assert len(store.allocations) == 1
