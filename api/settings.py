@@ -52,12 +52,8 @@ class Settings:
         """Read every setting; raise SettingsError naming the first bad one."""
         env = os.environ if env is None else env
         reader = Reader(env)
-        database_url = reader.required("DATABASE_URL")
-        if not database_url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-            raise SettingsError("DATABASE_URL must start with postgresql:// or postgres://")
-        redis_url = reader.required("REDIS_URL")
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+        database_url = reader.database_url()
+        redis_url = reader.redis_url()
         repost = reader.text("OES_RELEASED_REPOST", "reserve")
         if repost not in ("reserve", "conflict"):
             raise SettingsError("OES_RELEASED_REPOST must be 'reserve' or 'conflict'")
@@ -109,6 +105,25 @@ class Reader:
         if not value:
             raise SettingsError(f"{name} is required and not set")
         return value
+
+    def database_url(self) -> str:
+        url = self.required("DATABASE_URL")
+        if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise SettingsError("DATABASE_URL must start with postgresql:// or postgres://")
+        return url
+
+    def redis_url(self) -> str:
+        url = self.required("REDIS_URL")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return url
+
+    def http_url(self, name: str, default: str = "") -> str | None:
+        """An http(s) URL, or None when unset."""
+        url = self.text(name, default)
+        if url and not url.startswith(("http://", "https://")):
+            raise SettingsError(f"{name} must start with http:// or https://")
+        return url or None
 
     def integer(self, name: str, default: int, *, minimum: int) -> int:
         raw = self.text(name, str(default))

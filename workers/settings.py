@@ -69,25 +69,16 @@ class WorkerSettings:
         """Read every setting; raise SettingsError naming the first bad one."""
         env = os.environ if env is None else env
         reader = Reader(env)
-        database_url = reader.required("DATABASE_URL")
-        if not database_url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-            raise SettingsError("DATABASE_URL must start with postgresql:// or postgres://")
-        redis_url = reader.required("REDIS_URL")
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
-        hook_url = reader.text("PLATFORM_WEBHOOK_URL", "") or None
-        if hook_url and not hook_url.startswith(("http://", "https://")):
-            raise SettingsError("PLATFORM_WEBHOOK_URL must start with http:// or https://")
+        database_url = reader.database_url()
+        redis_url = reader.redis_url()
+        hook_url = reader.http_url("PLATFORM_WEBHOOK_URL")
         secret = reader.text("PLATFORM_WEBHOOK_SECRET", "")
         if hook_url and len(secret) < 16:
             raise SettingsError(
                 "PLATFORM_WEBHOOK_SECRET must be set (16+ characters) when PLATFORM_WEBHOOK_URL is"
             )
-        api_url = reader.text("BITGO_API_URL", cls.bitgo_api_url)
-        express = reader.text("BITGO_EXPRESS_URL", "") or None
-        for name, url in (("BITGO_API_URL", api_url), ("BITGO_EXPRESS_URL", express)):
-            if url and not url.startswith(("http://", "https://")):
-                raise SettingsError(f"{name} must start with http:// or https://")
+        api_url = reader.http_url("BITGO_API_URL", cls.bitgo_api_url) or cls.bitgo_api_url
+        express = reader.http_url("BITGO_EXPRESS_URL")
         backoff_max = reader.number("OES_HOOK_BACKOFF_MAX", 600.0)
         if backoff_max > MAX_COUNTDOWN:
             # A countdown past the broker's visibility timeout is delivered twice.
