@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import uuid
@@ -24,7 +23,7 @@ from api.sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, SANDBOX_WA
 from api.sandbox.store import hmac_hex
 from models.db import session_factory, sync_engine
 from tests.conftest import INTERNAL_TOKEN, free_port, fresh_database, wait_ready
-from tests.workers.conftest import Worker, eventually, redis_db
+from tests.workers.conftest import Worker, eventually, spare_redis_db
 
 PARTNER = f"/api/network/v1/enterprises/{SANDBOX_ENTERPRISE}/partners"
 
@@ -170,7 +169,7 @@ def system(
     with fresh_database(server_database_url) as database_url:
         env = {
             "DATABASE_URL": database_url,
-            "REDIS_URL": redis_db(redis_url, random.randint(8, 15)),
+            "REDIS_URL": spare_redis_db(redis_url),
             "BITGO_PUBLIC_KEYS": str(public),
             "OES_INTERNAL_TOKEN": INTERNAL_TOKEN,
             "OES_CURRENCIES": "btc,eth,usdc",

@@ -51,6 +51,17 @@ def eventually(probe: Callable[[], T | None], *, timeout: float = 20, what: str 
         time.sleep(0.05)
 
 
+_SPARE_DBS = random.sample(range(8, 16), 8)
+
+
+def spare_redis_db(url: str) -> str:
+    """The same Redis server, a database number no other stack of this run uses.
+
+    Two stacks sharing a number would have each worker take the other's tasks.
+    """
+    return redis_db(url, _SPARE_DBS.pop())
+
+
 def redis_db(url: str, db: int) -> str:
     """The same Redis server, another database number."""
     if url.startswith("unix://"):
@@ -229,7 +240,7 @@ def stack(
         serving(default_bitgo) as bitgo_api,
     ):
         # A database number of its own, away from the web tests' queues.
-        worker_redis = redis_db(redis_url, random.randint(8, 15))
+        worker_redis = spare_redis_db(redis_url)
         env = {
             "DATABASE_URL": database_url,
             "REDIS_URL": worker_redis,
