@@ -1,7 +1,10 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+# The production gateway only: the BitGo sandbox (sandbox/) is a development tool.
 COPY api ./api
+COPY cli ./cli
+COPY config ./config
 COPY models ./models
 COPY workers ./workers
 RUN pip install --no-cache-dir .

@@ -11,11 +11,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api import bitgo, health, internal, openapi
+from api import bitgo_routes, health, internal_routes, openapi
 from api.errors import EXCEPTION_HANDLERS
-from api.observability import ObservabilityMiddleware, configure_logging
-from api.runtime import Runtime
+from api.observability import ObservabilityMiddleware
+from api.resources import Resources
 from api.settings import Settings
+from config.logs import configure_logging
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -23,14 +24,14 @@ def create_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        runtime = Runtime.start(settings)
-        app.state.runtime = runtime
+        running = Resources.start(settings)
+        app.state.resources = running
         try:
             yield
         finally:
-            await runtime.stop()
+            await running.stop()
 
-    routes = [*bitgo.routes(), *internal.routes(), *health.routes()]
+    routes = [*bitgo_routes.routes(), *internal_routes.routes(), *health.routes()]
     document = openapi.document(routes)
 
     async def openapi_json(request: Request) -> Response:

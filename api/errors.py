@@ -9,12 +9,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from api.observability import INVARIANT_VIOLATIONS
 from models.errors import (
-    Conflict,
+    ConflictError,
     DomainError,
-    InvalidConnectionToken,
-    NotFound,
-    Unprocessable,
+    InvalidConnectionTokenError,
+    InvariantError,
+    NotFoundError,
+    UnprocessableError,
 )
 
 log = structlog.get_logger(__name__)
@@ -50,10 +52,10 @@ class LockBusy(HTTPError):
 
 
 _DOMAIN_STATUS: tuple[tuple[type[DomainError], int], ...] = (
-    (NotFound, 404),
-    (Conflict, 409),
-    (InvalidConnectionToken, 422),
-    (Unprocessable, 422),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidConnectionTokenError, 422),
+    (UnprocessableError, 422),
 )
 
 
@@ -62,16 +64,22 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPError)
+    if not isinstance(exc, HTTPError):  # Starlette routes only HTTPError here
+        return await on_unexpected(request, exc)
     return error(exc.status, exc.message)
 
 
 async def on_domain_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, DomainError)
     for kind, status in _DOMAIN_STATUS:
         if isinstance(exc, kind):
-            return error(status, exc.message)
-    log.error("domain_invariant_violated", error=exc.message)
+            return error(status, str(exc))
+    return await on_unexpected(request, exc)
+
+
+async def on_invariant_broken(request: Request, exc: Exception) -> Response:
+    """A bug: the transaction has rolled back; say so loudly and count it."""
+    INVARIANT_VIOLATIONS.inc()
+    log.error("invariant_broken", error=str(exc), path=request.url.path)
     return error(500, "Internal error")
 
 
@@ -90,6 +98,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     HTTPError: on_http_error,
     DomainError: on_domain_error,
+    InvariantError: on_invariant_broken,
     RedisError: on_unavailable,
     OperationalError: on_unavailable,
     InterfaceError: on_unavailable,

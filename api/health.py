@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.bitgo import runtime
 from api.observability import (
     BALANCE_DRIFTS,
     DEAD_LETTERS,
@@ -22,6 +21,7 @@ from api.observability import (
     TASK_LAST_RUN,
     TRANSFERS,
 )
+from api.resources import resources
 from models.states import Kind, Status
 
 log = structlog.get_logger(__name__)
@@ -32,7 +32,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    rt = runtime(request)
+    rt = resources(request)
     checks: dict[str, str] = {}
     try:
         async with rt.engine.connect() as conn:
@@ -74,7 +74,7 @@ _GAUGES = text(
 
 async def metrics(request: Request) -> Response:
     """Prometheus text; the state gauges are read from the database at scrape time."""
-    rt = runtime(request)
+    rt = resources(request)
     try:
         async with rt.engine.connect() as conn:
             rows: list[Any] = list(

@@ -1,9 +1,7 @@
-"""Prometheus metrics, structured JSON logs and the middleware that feeds both."""
+"""Prometheus metrics and the middleware that logs and counts every request."""
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
 import uuid
 
@@ -28,6 +26,9 @@ LOCK_WAIT_SECONDS = Histogram(
 LOCK_TIMEOUTS = Counter("oes_lock_timeouts_total", "Requests refused because a lock stayed busy")
 REPLAYS_REFUSED = Counter("oes_jwt_replays_refused_total", "Tokens refused because jti was seen")
 TOKENS_REFUSED = Counter("oes_jwt_refused_total", "Tokens refused for any reason", ["reason"])
+INVARIANT_VIOLATIONS = Counter(
+    "oes_invariant_violations_total", "Requests stopped because stored state broke an invariant"
+)
 TRANSFERS = Gauge("oes_transfers", "Transfers by kind and state", ["kind", "status"])
 OUTBOX_BACKLOG = Gauge("oes_outbox_backlog", "Outbox events not yet delivered")
 STALE_RESERVATIONS = Gauge(
@@ -44,41 +45,6 @@ OPEN_SETTLEMENTS = Gauge("oes_settlements_open", "Settlements not yet completed 
 SETTLEMENT_CONFLICTS = Gauge(
     "oes_settlement_conflicts", "Settlements stopped by a 409 from BitGo, for an operator"
 )
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """JSON lines on stdout, ours and the libraries' alike; ids come in through contextvars."""
-    shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(),
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    # ObservabilityMiddleware writes one line per request, with its id; no second one.
-    logging.getLogger("uvicorn.access").propagate = False
 
 
 log = structlog.get_logger("oes.http")

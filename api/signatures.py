@@ -24,7 +24,7 @@ _PEM_BLOCK = re.compile(
 _MAX_JTI = 200
 
 
-class TokenRefused(Exception):
+class TokenRefusedError(Exception):
     """The token must be refused with 401; the message is the reason given."""
 
 
@@ -92,7 +92,7 @@ def _is_time(value: object) -> bool:
 
 @dataclass(frozen=True)
 class Verifier:
-    """Checks a token in the order the spec gives; ``verify`` raises TokenRefused."""
+    """Checks a token in the order the spec gives; ``verify`` raises TokenRefusedError."""
 
     keys: KeySet
     redis: Redis
@@ -104,28 +104,28 @@ class Verifier:
     def claims(self, header_value: str | None, *, now: float | None = None) -> dict[str, Any]:
         """The verified claims of a token, replay aside."""
         if not header_value:
-            raise TokenRefused("Missing X-BitGo-Signature")
+            raise TokenRefusedError("Missing X-BitGo-Signature")
         token = header_value.strip()
         if token[:7].lower() == "bearer ":
             token = token[7:].strip()
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise TokenRefused(f"Malformed token: {exc}") from None
+            raise TokenRefusedError(f"Malformed token: {exc}") from None
         if header.get("alg") != ALGORITHM:
-            raise TokenRefused("Token algorithm must be RS256")
+            raise TokenRefusedError("Token algorithm must be RS256")
         claims = self._decode(token, header.get("kid"))
         now = time.time() if now is None else now
         self._check_times(claims, now)
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > _MAX_JTI:
-            raise TokenRefused("Token jti is required")
+            raise TokenRefusedError("Token jti is required")
         return claims
 
     def _decode(self, token: str, kid: object) -> dict[str, Any]:
         candidates = self.keys.candidates(kid)
         if not candidates:
-            raise TokenRefused("Unknown signing key")
+            raise TokenRefusedError("Unknown signing key")
         options = {
             "require": ["exp", "jti"],
             "verify_aud": self.audience is not None,
@@ -145,27 +145,27 @@ class Verifier:
             except jwt.InvalidSignatureError:
                 continue
             except jwt.ExpiredSignatureError:
-                raise TokenRefused("Token expired") from None
+                raise TokenRefusedError("Token expired") from None
             except jwt.PyJWTError as exc:
-                raise TokenRefused(f"Invalid token: {exc}") from None
+                raise TokenRefusedError(f"Invalid token: {exc}") from None
             except (ValueError, TypeError, OverflowError):
                 # A signed token with claims PyJWT cannot even read is refused all the same.
-                raise TokenRefused("Invalid token: malformed claims") from None
-        raise TokenRefused("Invalid token: signature verification failed")
+                raise TokenRefusedError("Invalid token: malformed claims") from None
+        raise TokenRefusedError("Invalid token: signature verification failed")
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
         exp = claims["exp"]
         if not _is_time(exp):
-            raise TokenRefused("Token exp must be a number")
+            raise TokenRefusedError("Token exp must be a number")
         iat = claims.get("iat")
         if iat is not None:
             if not _is_time(iat):
-                raise TokenRefused("Token iat must be a number")
+                raise TokenRefusedError("Token iat must be a number")
             if iat > now + self.leeway:
-                raise TokenRefused("Token issued in the future")
+                raise TokenRefusedError("Token issued in the future")
         lifetime = exp - (iat if iat is not None else now)
         if lifetime > self.max_age + self.leeway:
-            raise TokenRefused(f"Token lifetime exceeds {self.max_age} s")
+            raise TokenRefusedError(f"Token lifetime exceeds {self.max_age} s")
 
     async def verify(self, header_value: str | None) -> dict[str, Any]:
         """Verify the token and spend its jti; a jti seen before is a replay."""
@@ -174,5 +174,5 @@ class Verifier:
         ttl = max(1, int(claims["exp"] + self.leeway - time.time()) + 1)
         fresh = await self.redis.set(f"oes:jti:{claims['jti']}", b"1", nx=True, ex=ttl)
         if not fresh:
-            raise TokenRefused("Token replayed")
+            raise TokenRefusedError("Token replayed")
         return claims

@@ -28,8 +28,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from api.devkeys import ensure_key_pair, sign
-from api.embedded import start_postgres, start_redis
+from cli.devkeys import ensure_key_pair, sign
+from cli.embedded import start_postgres, start_redis
 from models.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def local_gateway(workers: int, token_lifetime: int) -> Iterator[Target]:
         with socket.socket() as probe:  # a free port
             probe.bind(("127.0.0.1", 0))
             port, log = int(probe.getsockname()[1]), tmp / "serve.log"
-        command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--workers", str(workers)]
         with log.open("wb") as out:
             process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)

@@ -13,8 +13,9 @@ from sqlalchemy import Row, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from models import ledger
-from models.errors import Conflict, InvalidConnectionToken, NotFound
+from models import outbox
+from models.errors import ConflictError, InvalidConnectionTokenError, NotFoundError
+from models.rows import as_record
 from models.tables import accounts, connection_tokens, connections
 
 
@@ -36,19 +37,9 @@ class ConnectionRecord:
     active: bool
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: Row[Any]) -> ConnectionRecord:
-        m = row._mapping
-        return cls(
-            pk=m["id"],
-            connection_id=m["connection_id"],
-            client_id=m["client_id"],
-            partners_client_id=m["partners_client_id"],
-            partners_connection_id=m["partners_connection_id"],
-            client_wallet_id=m["client_wallet_id"],
-            active=m["active"],
-            created_at=m["created_at"],
-        )
+
+def _record(row: Row[Any]) -> ConnectionRecord:
+    return as_record(ConnectionRecord, row, pk="id")
 
 
 @dataclass(frozen=True)
@@ -87,7 +78,7 @@ def _by_connection_id(session: Session, connection_id: uuid.UUID) -> ConnectionR
     row = session.execute(
         select(connections).where(connections.c.connection_id == connection_id)
     ).one_or_none()
-    return None if row is None else ConnectionRecord.from_row(row)
+    return None if row is None else _record(row)
 
 
 def link(
@@ -109,7 +100,7 @@ def link(
                 )
             ).scalar_one_or_none()
             if used_by != existing.pk or existing.client_id != client_id:
-                raise Conflict("connectionId already linked with different parameters")
+                raise ConflictError("connectionId already linked with different parameters")
             return existing
         spent = session.execute(
             select(connection_tokens)
@@ -117,16 +108,16 @@ def link(
             .with_for_update()
         ).one_or_none()
         if spent is None or spent.expires_at <= session.execute(select(func.now())).scalar_one():
-            raise InvalidConnectionToken()
+            raise InvalidConnectionTokenError()
         if spent.connection_pk is not None:
             # A racer holding the same token may have linked this very connection
             # while we waited for the token's row lock: that is a retry, not a conflict.
             linked = _by_connection_id(session, connection_id)
             if linked is not None and linked.pk == spent.connection_pk:
                 if linked.client_id != client_id:
-                    raise Conflict("connectionId already linked with different parameters")
+                    raise ConflictError("connectionId already linked with different parameters")
                 return linked
-            raise Conflict("Connection token already used by another connection")
+            raise ConflictError("Connection token already used by another connection")
         row = session.execute(
             pg_insert(connections)
             .values(
@@ -141,27 +132,26 @@ def link(
         ).one_or_none()
         if row is None:  # a racer linked this connectionId first; answer from its record
             continue
-        record = ConnectionRecord.from_row(row)
+        linked = _record(row)
         session.execute(
             update(connection_tokens)
             .where(connection_tokens.c.token_sha256 == digest)
-            .values(connection_pk=record.pk, used_at=func.now())
+            .values(connection_pk=linked.pk, used_at=func.now())
         )
-        ledger.emit(session, _event("connection.linked", record))
-        return record
-    raise Conflict("connectionId already linked with different parameters")
+        outbox.emit(session, _event("connection.linked", linked))
+        return linked
+    raise ConflictError("connectionId already linked with different parameters")
 
 
-def _event(topic: str, record: ConnectionRecord) -> ledger.Event:
-    return ledger.Event(
-        topic=topic,
-        id=uuid.uuid4(),
-        payload={
-            "connectionId": str(record.connection_id),
-            "clientId": str(record.client_id),
-            "partnersClientId": record.partners_client_id,
-            "partnersConnectionId": record.partners_connection_id,
-            "active": record.active,
+def _event(topic: str, linked: ConnectionRecord) -> outbox.Event:
+    return outbox.event(
+        topic,
+        {
+            "connectionId": str(linked.connection_id),
+            "clientId": str(linked.client_id),
+            "partnersClientId": linked.partners_client_id,
+            "partnersConnectionId": linked.partners_connection_id,
+            "active": linked.active,
         },
     )
 
@@ -177,14 +167,6 @@ def _where_ident(ident: str) -> Any:
     )
 
 
-def find(session: Session, ident: str) -> ConnectionRecord:
-    """A connection by BitGo's connectionId or by partnersConnectionId."""
-    row = session.execute(select(connections).where(_where_ident(ident))).first()
-    if row is None:
-        raise NotFound("Connection not found")
-    return ConnectionRecord.from_row(row)
-
-
 def set_active(session: Session, ident: str, *, active: bool) -> ConnectionRecord:
     """Activate or deactivate a connection; deactivated ones refuse new allocations."""
     row = session.execute(
@@ -194,17 +176,17 @@ def set_active(session: Session, ident: str, *, active: bool) -> ConnectionRecor
         .returning(*connections.c)
     ).first()
     if row is None:
-        raise NotFound("Connection not found")
-    record = ConnectionRecord.from_row(row)
-    ledger.emit(
-        session, _event("connection.activated" if active else "connection.deactivated", record)
+        raise NotFoundError("Connection not found")
+    changed = _record(row)
+    outbox.emit(
+        session, _event("connection.activated" if active else "connection.deactivated", changed)
     )
-    return record
+    return changed
 
 
 def listing(session: Session) -> list[ConnectionRecord]:
     rows = session.execute(select(connections).order_by(connections.c.id))
-    return [ConnectionRecord.from_row(r) for r in rows]
+    return [_record(r) for r in rows]
 
 
 def account(session: Session, partners_connection_id: str) -> AccountView:
@@ -213,14 +195,14 @@ def account(session: Session, partners_connection_id: str) -> AccountView:
         select(connections).where(connections.c.partners_connection_id == partners_connection_id)
     ).one_or_none()
     if row is None:
-        raise NotFound("Account not found")
-    record = ConnectionRecord.from_row(row)
+        raise NotFoundError("Account not found")
+    linked = _record(row)
     balances = {
-        r.currency: Balance(int(r.available), int(r.pending_in), int(r.held))
+        r.currency: as_record(Balance, r)
         for r in session.execute(
             select(accounts)
-            .where(accounts.c.connection_pk == record.pk)
+            .where(accounts.c.connection_pk == linked.pk)
             .order_by(accounts.c.currency)
         )
     }
-    return AccountView(connection=record, balances=balances)
+    return AccountView(connection=linked, balances=balances)

@@ -4,31 +4,35 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """Base of every error the domain raises on purpose."""
+    """Base of every refusal the domain makes on purpose: the request is answered, not failed."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class NotFound(DomainError):
+class NotFoundError(DomainError):
     """The thing asked for does not exist (or is not of the kind asked for)."""
 
 
-class Conflict(DomainError):
+class ConflictError(DomainError):
     """The request contradicts what is stored: reused id, wrong state, used token."""
 
 
-class InvalidConnectionToken(DomainError):
+class InvalidConnectionTokenError(DomainError):
     """A connection token that is unknown or has expired."""
 
     def __init__(self) -> None:
         super().__init__("Invalid connection token")
 
 
-class Unprocessable(DomainError):
+class UnprocessableError(DomainError):
     """A well-formed request that the business rules refuse."""
 
 
-class InvariantViolation(DomainError):
-    """Stored state breaks an invariant; the transaction must roll back."""
+class InvariantError(Exception):
+    """Stored state breaks an invariant: a bug, not a refusal.
+
+    Not a ``DomainError``, so nothing that handles refusals swallows it; the
+    transaction rolls back, it is logged at error level and counted.
+    """

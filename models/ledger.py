@@ -9,11 +9,9 @@ exchange's order books) are the counter accounts and may go negative.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -83,18 +81,9 @@ def trade_posting(delta: int) -> Posting:
     return Posting(Account.AVAILABLE, Account.TRADING, -delta)
 
 
-@dataclass(frozen=True)
-class Event:
-    """An outbox event, written in the same transaction as the change it reports."""
-
-    topic: str
-    payload: dict[str, Any]
-    id: uuid.UUID
-
-
-# One statement: move the balances (refusing any that would go negative), write
-# both entries and the outbox event. Entries and event select FROM the account
-# change, so when it matches no row nothing else is written either.
+# One statement: move the balances (refusing any that would go negative) and write
+# both entries. The entries select FROM the account change, so when it matches no
+# row nothing is written.
 _CHANGE_EXISTING = """
     UPDATE accounts SET available = available + :d_available,
                         pending_in = pending_in + :d_pending_in,
@@ -129,11 +118,6 @@ entries AS (
     FROM changed,
          (VALUES (CAST(:source AS text), -CAST(:amount AS numeric)),
                  (CAST(:destination AS text), CAST(:amount AS numeric))) AS e(account, amount)
-),
-event AS (
-    INSERT INTO outbox (id, topic, payload)
-    SELECT :event_id, :event_topic, CAST(:event_payload AS jsonb)
-    FROM changed WHERE CAST(:event_id AS uuid) IS NOT NULL
 )
 SELECT count(*) FROM changed
 """
@@ -150,7 +134,6 @@ def post(
     reason: str,
     transfer_id: uuid.UUID | None = None,
     trade_external_id: str | None = None,
-    event: Event | None = None,
 ) -> bool:
     """Apply ``posting`` to one account.
 
@@ -176,43 +159,9 @@ def post(
             "transfer_id": transfer_id,
             "trade_external_id": trade_external_id,
             "reason": reason,
-            "event_id": event.id if event else None,
-            "event_topic": event.topic if event else None,
-            "event_payload": json.dumps(event.payload) if event else None,
         },
     )
-    applied = bool(result.scalar_one())
-    if applied and event is not None:
-        _written(session).append(event.id)
-    return applied
-
-
-def emit(session: Session, event: Event) -> None:
-    """Write an outbox event for a change that moves no money."""
-    session.execute(
-        text(
-            "INSERT INTO outbox (id, topic, payload) VALUES (:id, :topic, CAST(:payload AS jsonb))"
-        ),
-        {"id": event.id, "topic": event.topic, "payload": json.dumps(event.payload)},
-    )
-    _written(session).append(event.id)
-
-
-_EVENTS_KEY = "oes_outbox_events"
-
-
-def _written(session: Session) -> list[uuid.UUID]:
-    events: list[uuid.UUID] = session.info.setdefault(_EVENTS_KEY, [])
-    return events
-
-
-def written_events(session: Session) -> list[uuid.UUID]:
-    """Ids of the outbox events this session has written, to publish once it commits.
-
-    Taking them clears the list, so a rolled-back attempt's events never leak into
-    the next one's.
-    """
-    return list(session.info.pop(_EVENTS_KEY, []))
+    return bool(result.scalar_one())
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
-from models import ledger
-from models.errors import NotFound
+from models import outbox
+from models.errors import NotFoundError
+from models.rows import as_record
 
 # pg_advisory_xact_lock key: one settlement starts at a time.
 _START_LOCK = 0x0E5_5E77
@@ -52,19 +53,10 @@ class SettlementRecord:
     updated_at: datetime
     finalized_at: datetime | None
 
-    @classmethod
-    def from_row(cls, row: Row[Any]) -> SettlementRecord:
-        m = row._mapping
-        return cls(
-            **{name: m[name] for name in cls.__dataclass_fields__ if name != "status"},
-            status=SettlementStatus(m["status"]),
-        )
-
-    def event(self) -> ledger.Event:
-        return ledger.Event(
-            topic=f"settlement.{self.status.value}",
-            id=uuid.uuid4(),
-            payload={
+    def event(self) -> outbox.Event:
+        return outbox.event(
+            f"settlement.{self.status.value}",
+            {
                 "id": str(self.id),
                 "externalId": self.external_id,
                 "status": self.status.value,
@@ -74,18 +66,49 @@ class SettlementRecord:
             },
         )
 
+    def unsigned(self) -> dict[str, Any]:
+        """The body's fields other than payload and signature."""
+        return {
+            "externalId": self.external_id,
+            "settlementAmounts": self.amounts,
+            "nonce": str(self.id),
+            "notes": f"oes-partner settlement {self.seq}",
+        }
+
     def payload(self) -> str:
-        """The string to sign: the body's fields other than payload and signature."""
-        return json.dumps(
-            {
-                "externalId": self.external_id,
-                "settlementAmounts": self.amounts,
-                "nonce": str(self.id),
-                "notes": f"oes-partner settlement {self.seq}",
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        """The string to sign: the unsigned fields as canonical JSON."""
+        return json.dumps(self.unsigned(), sort_keys=True, separators=(",", ":"))
+
+    def signed_body(self, payload: str, signature: str) -> dict[str, Any]:
+        """The body BitGo receives: the fields, and Express's payload and signature of them."""
+        return {**self.unsigned(), "payload": payload, "signature": signature}
+
+
+def _record(row: Row[Any]) -> SettlementRecord:
+    return as_record(SettlementRecord, row)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What BitGo's answer to a post means for the settlement."""
+
+    status: SettlementStatus  # PENDING: not final yet, post the same body again later
+    reason: str | None
+    bitgo_id: str | None
+    bitgo_status: str | None
+
+
+def verdict(answer: dict[str, Any]) -> Verdict:
+    """Read BitGo's settlement object: completed and rejected are final, anything else waits."""
+    status = str(answer.get("status") or "")
+    final = {"completed": SettlementStatus.COMPLETED, "rejected": SettlementStatus.REJECTED}
+    reason = str(answer["reason"]) if answer.get("reason") is not None else None
+    return Verdict(
+        status=final.get(status, SettlementStatus.PENDING),
+        reason=reason if status in final else reason or f"BitGo answered {status or 'no status'}",
+        bitgo_id=str(answer["id"]) if answer.get("id") is not None else None,
+        bitgo_status=status or None,
+    )
 
 
 _NET = text(
@@ -118,8 +141,8 @@ _TRANSITION = text(
 def get(session: Session, settlement_id: uuid.UUID) -> SettlementRecord:
     row = session.execute(_GET, {"id": settlement_id}).one_or_none()
     if row is None:
-        raise NotFound("Settlement not found")
-    return SettlementRecord.from_row(row)
+        raise NotFoundError("Settlement not found")
+    return _record(row)
 
 
 def open_or_start(session: Session) -> SettlementRecord | None:
@@ -127,7 +150,7 @@ def open_or_start(session: Session) -> SettlementRecord | None:
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _START_LOCK})
     row = session.execute(_OPEN).one_or_none()
     if row is not None:
-        return SettlementRecord.from_row(row)
+        return _record(row)
     settlement_id = uuid.uuid4()
     seq = session.execute(
         text(
@@ -172,7 +195,7 @@ def open_or_start(session: Session) -> SettlementRecord | None:
             "reason": None if amounts else "trades net to zero; nothing to post",
         },
     ).one()
-    record = SettlementRecord.from_row(row)
+    record = _record(row)
     if status is SettlementStatus.COMPLETED:
         _settle_trades(session, record)
     return record
@@ -196,7 +219,7 @@ def _settle_trades(session: Session, record: SettlementRecord) -> None:
     session.execute(
         text("UPDATE trades SET settled_at = now() WHERE settlement_id = :id"), {"id": record.id}
     )
-    ledger.emit(session, record.event())
+    outbox.emit(session, record.event())
 
 
 def finish(
@@ -221,7 +244,7 @@ def finish(
     ).one_or_none()
     if row is None:
         return None
-    record = SettlementRecord.from_row(row)
+    record = _record(row)
     if status is SettlementStatus.COMPLETED:
         _settle_trades(session, record)
     elif status is SettlementStatus.REJECTED:
@@ -230,9 +253,9 @@ def finish(
             text("UPDATE trades SET settlement_id = NULL WHERE settlement_id = :id"),
             {"id": settlement_id},
         )
-        ledger.emit(session, record.event())
+        outbox.emit(session, record.event())
     elif status is SettlementStatus.CONFLICT:
-        ledger.emit(session, record.event())
+        outbox.emit(session, record.event())
     return record
 
 
@@ -253,4 +276,4 @@ def listing(session: Session, *, limit: int = 50) -> list[SettlementRecord]:
     rows = session.execute(
         text("SELECT * FROM settlements ORDER BY seq DESC LIMIT :limit"), {"limit": limit}
     )
-    return [SettlementRecord.from_row(r) for r in rows]
+    return [_record(r) for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from typing import Any
 from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
-from models import ledger
-from models.errors import Conflict, NotFound, Unprocessable
+from models import ledger, outbox
+from models.errors import ConflictError, NotFoundError, UnprocessableError
+from models.rows import as_record
 from models.transfers import ACCOUNT_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS, Rules
 
 _INSERT = text(
@@ -50,30 +52,22 @@ class TradeRecord:
     settled_at: datetime | None
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: Row[Any]) -> TradeRecord:
-        m = row._mapping
-        return cls(
-            external_id=m["external_id"],
-            partners_connection_id=m["partners_connection_id"],
-            connection_id=m["connection_id"],
-            deltas={currency: int(delta) for currency, delta in m["deltas"].items()},
-            settlement_id=m["settlement_id"],
-            settled_at=m["settled_at"],
-            created_at=m["created_at"],
-        )
-
-    def event(self) -> ledger.Event:
-        return ledger.Event(
-            topic="trade.applied",
-            id=uuid.uuid4(),
-            payload={
+    def event(self) -> outbox.Event:
+        return outbox.event(
+            "trade.applied",
+            {
                 "externalId": self.external_id,
                 "partnersConnectionId": self.partners_connection_id,
                 "connectionId": str(self.connection_id),
                 "deltas": {c: str(d) for c, d in sorted(self.deltas.items())},
             },
         )
+
+
+def _record(row: Row[Any]) -> TradeRecord:
+    trade = as_record(TradeRecord, row)
+    # JSONB keeps the signed base-unit strings; amounts are int in the domain.
+    return dataclasses.replace(trade, deltas={c: int(d) for c, d in trade.deltas.items()})
 
 
 def _stored_deltas(deltas: dict[str, int]) -> str:
@@ -83,7 +77,7 @@ def _stored_deltas(deltas: dict[str, int]) -> str:
 def apply(session: Session, *, request: TradeRequest, rules: Rules) -> TradeRecord:
     """Apply a trading result once; a repeat answers with the stored one.
 
-    All or nothing: if any delta would take ``available`` below zero, Unprocessable
+    All or nothing: if any delta would take ``available`` below zero, UnprocessableError
     is raised and the caller's rollback leaves no trace of the trade.
     """
     row = session.execute(
@@ -99,8 +93,8 @@ def apply(session: Session, *, request: TradeRequest, rules: Rules) -> TradeReco
     # Checked after the lookup so a repeat still answers 200 if the currency list shrank.
     unsupported = sorted(set(request.deltas) - rules.currencies)
     if unsupported:
-        raise Unprocessable(f"Unsupported currency: {', '.join(unsupported)}")
-    record = TradeRecord.from_row(row)
+        raise UnprocessableError(f"Unsupported currency: {', '.join(unsupported)}")
+    applied_trade = _record(row)
     connection_pk: int = row.connection_pk
     # A fixed order of accounts keeps two trades on the same accounts from deadlocking.
     for currency, delta in sorted(request.deltas.items()):
@@ -114,9 +108,9 @@ def apply(session: Session, *, request: TradeRequest, rules: Rules) -> TradeReco
         )
         if not applied:
             reason = INSUFFICIENT_FUNDS if delta < 0 else ACCOUNT_LIMIT_EXCEEDED
-            raise Unprocessable(f"{reason}: {currency}")
-    ledger.emit(session, record.event())
-    return record
+            raise UnprocessableError(f"{reason}: {currency}")
+    outbox.emit(session, applied_trade.event())
+    return applied_trade
 
 
 def _existing(session: Session, request: TradeRequest) -> TradeRecord:
@@ -124,20 +118,13 @@ def _existing(session: Session, request: TradeRequest) -> TradeRecord:
     if row is None:
         exists = session.execute(_CONNECTION_EXISTS, {"id": request.partners_connection_id}).first()
         if exists is None:
-            raise NotFound("Account not found")
+            raise NotFoundError("Account not found")
         # The insert found a conflict, so the row exists; it cannot vanish (no deletes).
-        raise Conflict("externalId is being applied; retry")
-    stored = TradeRecord.from_row(row)
+        raise ConflictError("externalId is being applied; retry")
+    stored = _record(row)
     if (stored.partners_connection_id, stored.deltas) != (
         request.partners_connection_id,
         request.deltas,
     ):
-        raise Conflict("externalId already used with different parameters")
+        raise ConflictError("externalId already used with different parameters")
     return stored
-
-
-def get(session: Session, external_id: str) -> TradeRecord:
-    row = session.execute(_GET, {"external_id": external_id}).one_or_none()
-    if row is None:
-        raise NotFound("Trade not found")
-    return TradeRecord.from_row(row)

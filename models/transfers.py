@@ -11,14 +11,16 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import Row, select, text, tuple_
+from sqlalchemy import Row, bindparam, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from models import ledger
-from models.errors import Conflict, InvariantViolation, NotFound
-from models.states import TARGET, Action, Kind, Outcome, Status, decide
+from models import ledger, outbox
+from models.errors import ConflictError, InvariantError, NotFoundError
+from models.rows import as_record
+from models.states import TARGET, Action, Kind, Outcome, Status, applies_from, decide
 from models.tables import transfers
 
 UNSUPPORTED_CURRENCY = "Unsupported currency"
@@ -83,32 +85,11 @@ class TransferRecord:
     updated_at: datetime
     connection_pk: int | None
 
-    @classmethod
-    def from_row(cls, row: Row[Any]) -> TransferRecord:
-        m = row._mapping
-        return cls(
-            kind=Kind(m["kind"]),
-            transfer_id=m["id"],
-            partners_transfer_id=m["partners_transfer_id"],
-            currency=m["currency"],
-            quantity=int(m["quantity"]),
-            client_id=m["client_id"],
-            connection_id=m["connection_id"],
-            partners_client_id=m["partners_client_id"],
-            partners_connection_id=m["partners_connection_id"],
-            status=Status(m["status"]),
-            rejection_reason=m["rejection_reason"],
-            created_at=m["created_at"],
-            updated_at=m["updated_at"],
-            connection_pk=m["connection_pk"],
-        )
-
-    def event(self) -> ledger.Event:
+    def event(self) -> outbox.Event:
         """The outbox event announcing this record's current state."""
-        return ledger.Event(
-            topic=f"{self.kind.value}.{self.status.value}",
-            id=uuid.uuid4(),
-            payload={
+        return outbox.event(
+            f"{self.kind.value}.{self.status.value}",
+            {
                 "kind": self.kind.value,
                 "id": str(self.transfer_id),
                 "partnersId": str(self.partners_transfer_id),
@@ -123,38 +104,55 @@ class TransferRecord:
         )
 
 
-_COLUMNS = ", ".join(c.name for c in transfers.columns)
+def _record(row: Row[Any]) -> TransferRecord:
+    return as_record(TransferRecord, row, transfer_id="id")
+
 
 # Transfer and link in one round trip; neither need exist.
 _LOAD = text(
-    f"""
+    """
     SELECT t.*, c.id AS link_pk, c.client_id AS link_client_id,
            c.partners_client_id AS link_partners_client_id,
            c.partners_connection_id AS link_partners_connection_id,
            c.active AS link_active
     FROM (VALUES (1)) AS one
-    LEFT JOIN (SELECT {_COLUMNS} FROM transfers WHERE id = :transfer_id) AS t ON true
+    LEFT JOIN transfers t ON t.id = :transfer_id
     LEFT JOIN connections c ON c.connection_id = :connection_id
     """
 )
-_INSERT = text(
-    f"""
-    INSERT INTO transfers ({_COLUMNS})
-    VALUES (:id, :kind, :partners_transfer_id, :connection_pk, :currency, :quantity,
-            :client_id, :connection_id, :partners_client_id, :partners_connection_id,
-            :status, :rejection_reason, now(), now())
-    ON CONFLICT (id) DO NOTHING
-    RETURNING {_COLUMNS}
-    """
+_INSERT = (
+    pg_insert(transfers)
+    .values(
+        {
+            c: bindparam(c)
+            for c in (
+                "id",
+                "kind",
+                "partners_transfer_id",
+                "connection_pk",
+                "currency",
+                "quantity",
+                "client_id",
+                "connection_id",
+                "partners_client_id",
+                "partners_connection_id",
+                "status",
+                "rejection_reason",
+            )
+        }
+    )
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(*transfers.c)
 )
+# Compare-and-set: the row moves only from one of the states given.
 _SET_STATUS = text(
-    f"""
+    """
     UPDATE transfers SET status = :to, rejection_reason = :reason, updated_at = now()
-    WHERE id = :id AND kind = :kind AND status = :from
-    RETURNING {_COLUMNS}
+    WHERE id = :id AND kind = :kind AND status = ANY(:from)
+    RETURNING *
     """
 )
-_GET = text(f"SELECT {_COLUMNS} FROM transfers WHERE id = :id")
+_GET = text("SELECT * FROM transfers WHERE id = :id")
 
 
 def _rule_failure(request: ReserveRequest, link: Any, rules: Rules) -> str | None:
@@ -175,47 +173,68 @@ def _rule_failure(request: ReserveRequest, link: Any, rules: Rules) -> str | Non
 
 
 def _set_status(
-    session: Session, record: TransferRecord, to: Status, *, reason: str | None = None
+    session: Session,
+    kind: Kind,
+    transfer_id: uuid.UUID,
+    to: Status,
+    *,
+    from_states: tuple[Status, ...],
+    reason: str | None = None,
 ) -> TransferRecord | None:
+    """Move the transfer to ``to`` if it is in one of ``from_states``; None if it is not."""
     row = session.execute(
         _SET_STATUS,
         {
-            "id": record.transfer_id,
-            "kind": record.kind.value,
-            "from": record.status.value,
+            "id": transfer_id,
+            "kind": kind.value,
+            "from": [s.value for s in from_states],
             "to": to.value,
             "reason": reason,
         },
     ).one_or_none()
-    return None if row is None else TransferRecord.from_row(row)
+    return None if row is None else _record(row)
 
 
-def _post(session: Session, record: TransferRecord) -> bool:
-    """Move the money for ``record``'s new state, with its event; False if funds lack."""
-    if record.connection_pk is None:  # the CHECK constraint forbids it
-        raise InvariantViolation(f"transfer {record.transfer_id} has no account")
-    return ledger.post(
+def _post(session: Session, moved: TransferRecord) -> bool:
+    """Move the money for ``moved``'s new state and announce it; False if funds lack."""
+    if moved.connection_pk is None:  # the CHECK constraint forbids it
+        raise InvariantError(f"transfer {moved.transfer_id} has no account")
+    posted = ledger.post(
         session,
-        connection_pk=record.connection_pk,
-        currency=record.currency,
-        posting=ledger.transfer_posting(record.kind, record.status, record.quantity),
-        reason=f"{record.kind.value} {record.status.value}",
-        transfer_id=record.transfer_id,
-        event=record.event(),
+        connection_pk=moved.connection_pk,
+        currency=moved.currency,
+        posting=ledger.transfer_posting(moved.kind, moved.status, moved.quantity),
+        reason=f"{moved.kind.value} {moved.status.value}",
+        transfer_id=moved.transfer_id,
     )
+    if posted:
+        outbox.emit(session, moved.event())
+    return posted
 
 
-def _hold_or_reject(session: Session, record: TransferRecord) -> TransferRecord:
-    """Book a fresh reservation; one the account cannot take becomes a rejection."""
-    if _post(session, record):
-        return record
-    # A deallocation fails for want of funds; an allocation only at the 78-digit limit.
-    reason = INSUFFICIENT_FUNDS if record.kind is Kind.DEALLOCATION else ACCOUNT_LIMIT_EXCEEDED
-    rejected = _set_status(session, record, Status.REJECTED, reason=reason)
+def _reject(session: Session, stored: TransferRecord, reason: str) -> TransferRecord:
+    """Store a rejection of a record we hold the row lock on, and announce it."""
+    rejected = _set_status(
+        session,
+        stored.kind,
+        stored.transfer_id,
+        Status.REJECTED,
+        from_states=(stored.status,),
+        reason=reason,
+    )
     if rejected is None:  # we hold the row since our insert or update: cannot happen
-        raise InvariantViolation(f"transfer {record.transfer_id} changed under its row lock")
-    ledger.emit(session, rejected.event())
+        raise InvariantError(f"transfer {stored.transfer_id} changed under its row lock")
+    outbox.emit(session, rejected.event())
     return rejected
+
+
+def _hold_or_reject(session: Session, reserved: TransferRecord) -> TransferRecord:
+    """Book a fresh reservation; one the account cannot take becomes a rejection."""
+    if _post(session, reserved):
+        return reserved
+    # A deallocation fails for want of funds; an allocation only at the 78-digit limit.
+    reason = INSUFFICIENT_FUNDS if reserved.kind is Kind.DEALLOCATION else ACCOUNT_LIMIT_EXCEEDED
+    return _reject(session, reserved, reason)
 
 
 def _create(
@@ -241,11 +260,11 @@ def _create(
     ).one_or_none()
     if row is None:  # a racer inserted this id first; answer from its record
         return None
-    record = TransferRecord.from_row(row)
+    created = _record(row)
     if reason:
-        ledger.emit(session, record.event())
-        return record
-    return _hold_or_reject(session, record)
+        outbox.emit(session, created.event())
+        return created
+    return _hold_or_reject(session, created)
 
 
 def _reserve_again(
@@ -253,82 +272,106 @@ def _reserve_again(
 ) -> TransferRecord | None:
     reason = _rule_failure(request, link, rules)
     if reason:
-        rejected = _set_status(session, stored, Status.REJECTED, reason=reason)
+        rejected = _set_status(
+            session,
+            stored.kind,
+            stored.transfer_id,
+            Status.REJECTED,
+            from_states=(stored.status,),
+            reason=reason,
+        )
         if rejected is not None:
-            ledger.emit(session, rejected.event())
+            outbox.emit(session, rejected.event())
         return rejected
-    reserved = _set_status(session, stored, Status.RESERVED)
+    reserved = _set_status(
+        session, stored.kind, stored.transfer_id, Status.RESERVED, from_states=(stored.status,)
+    )
     return None if reserved is None else _hold_or_reject(session, reserved)
 
 
 def reserve(session: Session, *, request: ReserveRequest, rules: Rules) -> TransferRecord:
-    """Reserve funds for an allocation or deallocation, idempotently on BitGo's id."""
+    """Reserve funds for an allocation or deallocation, idempotently on BitGo's id.
+
+    The state table decides; a racer committing between our read and our write
+    sends us round again, to decide on what it left.
+    """
     for _ in range(_ROUNDS):
-        link = session.execute(
+        loaded = session.execute(
             _LOAD, {"transfer_id": request.transfer_id, "connection_id": request.connection_id}
         ).one()
-        if link.id is None:
-            created = _create(session, request, link, rules)
-            if created is not None:
-                return created
-            continue
-        stored = TransferRecord.from_row(link)
-        if fingerprint(stored) != fingerprint(request):
-            raise Conflict(f"{request.kind.id_field} already used with different parameters")
+        stored = None if loaded.id is None else _record(loaded)
         outcome = decide(
-            stored.status,
+            None if stored is None else stored.status,
             Action.RESERVE,
+            same_request=stored is None or fingerprint(stored) == fingerprint(request),
             released_repost_conflicts=rules.released_repost_conflicts,
         )
-        if outcome is Outcome.CURRENT:
-            return stored
-        if outcome is Outcome.CONFLICT:
-            raise Conflict(f"{stored.kind.label} is {stored.status.value}")
-        again = _reserve_again(session, stored, request, link, rules)
-        if again is not None:
-            return again
-    raise InvariantViolation(f"transfer {request.transfer_id} kept changing; gave up")
+        result: TransferRecord | None
+        if outcome is Outcome.CREATE:
+            result = _create(session, request, loaded, rules)
+        elif stored is None:
+            raise InvariantError(f"the state table gives {outcome} for a reserve of a new id")
+        elif outcome is Outcome.CURRENT:
+            result = stored
+        elif outcome is Outcome.RESERVE_AGAIN:
+            result = _reserve_again(session, stored, request, loaded, rules)
+        else:
+            _refuse(outcome, request.kind, stored)
+        if result is not None:
+            return result
+    raise InvariantError(f"transfer {request.transfer_id} kept changing; gave up")
+
+
+def _refuse(outcome: Outcome, kind: Kind, stored: TransferRecord | None) -> NoReturn:
+    """Raise the refusal ``outcome`` stands for."""
+    if outcome is Outcome.NOT_FOUND:
+        raise NotFoundError(f"{kind.label} not found")
+    if outcome is Outcome.MISMATCH:
+        raise ConflictError(f"{kind.id_field} already used with different parameters")
+    if outcome is Outcome.CONFLICT and stored is not None:
+        raise ConflictError(f"{kind.label} is {stored.status.value}")
+    raise InvariantError(f"the state table gives {outcome} where it cannot be acted on")
+
+
+def _find(session: Session, kind: Kind, transfer_id: uuid.UUID) -> TransferRecord | None:
+    """The record of ``transfer_id`` if it is of ``kind``; an id of the other kind is unknown."""
+    row = session.execute(_GET, {"id": transfer_id}).one_or_none()
+    return None if row is None or row.kind != kind.value else _record(row)
 
 
 def get(session: Session, *, kind: Kind, transfer_id: uuid.UUID) -> TransferRecord:
-    """The record of ``transfer_id`` if it is of ``kind``; NotFound otherwise."""
-    row = session.execute(_GET, {"id": transfer_id}).one_or_none()
-    if row is None or row.kind != kind.value:
-        raise NotFound(f"{kind.label} not found")
-    return TransferRecord.from_row(row)
+    """The record of ``transfer_id`` if it is of ``kind``; NotFoundError otherwise."""
+    found = _find(session, kind, transfer_id)
+    if found is None:
+        raise NotFoundError(f"{kind.label} not found")
+    return found
 
 
 def settle(
     session: Session, *, kind: Kind, transfer_id: uuid.UUID, action: Action
 ) -> TransferRecord:
-    """Clear or release a reservation; a repeat of the same action changes nothing."""
+    """Clear or release a reservation, as the state table decides for its stored state.
+
+    The move is tried first, from every state the table applies ``action`` to (one
+    round trip on the busy path); when the row is in no such state, the table
+    decides on the state it is in.
+    """
     target = TARGET[action]
+    movable = applies_from(action)
     for _ in range(_ROUNDS):
-        row = session.execute(
-            _SET_STATUS,
-            {
-                "id": transfer_id,
-                "kind": kind.value,
-                "from": Status.RESERVED.value,
-                "to": target.value,
-                "reason": None,
-            },
-        ).one_or_none()
-        if row is not None:
-            record = TransferRecord.from_row(row)
-            if not _post(session, record):
-                raise InvariantViolation(f"{kind.value} {transfer_id}: balances cannot cover it")
-            return record
-        stored = get(session, kind=kind, transfer_id=transfer_id)
-        outcome = decide(stored.status, action, released_repost_conflicts=False)
-        if outcome is Outcome.CURRENT:
+        moved = _set_status(session, kind, transfer_id, target, from_states=movable)
+        if moved is not None:
+            if not _post(session, moved):
+                raise InvariantError(f"{kind.value} {transfer_id}: balances cannot cover it")
+            return moved
+        stored = _find(session, kind, transfer_id)
+        outcome = decide(None if stored is None else stored.status, action)
+        if outcome is Outcome.CURRENT and stored is not None:
             return stored
-        if outcome is Outcome.CONFLICT:
-            raise Conflict(f"{kind.label} is {stored.status.value}")
-        if outcome is Outcome.NOT_FOUND:
-            raise NotFound(f"{kind.label} not found")
+        if outcome is not Outcome.APPLY:
+            _refuse(outcome, kind, stored)
         # APPLY: it was re-reserved after our update looked; go round again.
-    raise InvariantViolation(f"transfer {transfer_id} kept changing; gave up")
+    raise InvariantError(f"transfer {transfer_id} kept changing; gave up")
 
 
 def listing(
@@ -350,7 +393,7 @@ def listing(
         query = query.where(transfers.c.connection_id == connection_id)
     if after is not None:
         query = query.where(tuple_(transfers.c.created_at, transfers.c.id) < tuple_(*after))
-    return [TransferRecord.from_row(r) for r in session.execute(query.limit(limit))]
+    return [_record(r) for r in session.execute(query.limit(limit))]
 
 
 def stale(
@@ -367,7 +410,7 @@ def stale(
     """
     rows = session.execute(
         text(
-            f"SELECT {_COLUMNS} FROM transfers WHERE status = 'reserved'"
+            "SELECT * FROM transfers WHERE status = 'reserved'"
             " AND updated_at < now() - make_interval(secs => :older_than)"
             " AND (CAST(:after_at AS timestamptz) IS NULL"
             "      OR (updated_at, id) > (:after_at, :after_id))"
@@ -380,4 +423,4 @@ def stale(
             "after_id": after[1] if after else None,
         },
     )
-    return [TransferRecord.from_row(r) for r in rows]
+    return [_record(r) for r in rows]

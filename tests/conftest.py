@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import psycopg
 import pytest
 import redis
@@ -29,14 +30,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from api.app import create_app
-from api.devkeys import sign
-from api.embedded import start_postgres, start_redis
 from api.settings import Settings
+from cli.devkeys import sign
+from cli.embedded import start_postgres, start_redis
 from models.db import session_factory, sync_engine
 from models.migrate import upgrade
-from workers.celery import QUEUES
+from workers.publish import QUEUES
 
 INTERNAL_TOKEN = "test-internal-token-0123456789"
+# What the test client (httpx2, under Starlette's TestClient) or httpx answers with.
+Response = httpx.Response | httpx2.Response
 
 
 @contextmanager
@@ -224,17 +227,17 @@ class BitGo:
 
     def reserve(
         self, kind: str, link: Link, transfer_id: str, quantity: Any, **kw: Any
-    ) -> httpx.Response:
+    ) -> Response:
         return self.http.post(
             f"/bitgo/v1/{kind}s",
             json=link.body(kind, transfer_id, quantity, **kw),
             headers=self.headers(),
         )
 
-    def put(self, kind: str, transfer_id: str, action: str) -> httpx.Response:
+    def put(self, kind: str, transfer_id: str, action: str) -> Response:
         return self.http.put(f"/bitgo/v1/{kind}/{transfer_id}/{action}", headers=self.headers())
 
-    def status(self, kind: str, transfer_id: str) -> httpx.Response:
+    def status(self, kind: str, transfer_id: str) -> Response:
         return self.http.get(f"/bitgo/v1/{kind}/{transfer_id}", headers=self.headers())
 
     def balances(self, link: Link, currency: str = "btc") -> tuple[int, int, int]:
@@ -320,7 +323,7 @@ def live_server(
     log = tmp_path_factory.mktemp("live") / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,

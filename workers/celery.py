@@ -1,53 +1,35 @@
-"""The Celery application: broker, queues, routing, beat schedule and process hooks."""
+"""The worker application: its tasks, the beat schedule and the process hooks.
+
+``celery -A workers worker|beat|call`` load this. The broker comes from ``REDIS_URL``
+when the configuration is first needed, so a missing or bad setting stops the
+command with one line naming it, and importing this module reads nothing. A worker
+or beat also checks every worker setting before it starts.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import structlog
 from celery import Celery, signals
 from celery.schedules import crontab
-from kombu.entity import Queue
 
-from api.settings import SettingsError
-from workers.settings import broker_url, schedule, settings
+from config.logs import configure_logging
+from config.settings import SettingsError
+from workers.publish import QUEUES, celery_config
+from workers.settings import BrokerSettings, schedule, settings
 
-QUEUES = ("hooks", "settlement", "remediation")
+T = TypeVar("T")
+
 TASK_MODULES = ("workers.hooks", "workers.remediation", "workers.settlement")
 
-# The longest task is a settlement post or a hook delivery, each bounded by HTTP timeouts
-# well under a minute; a message is redelivered only when its worker is truly gone.
-VISIBILITY_TIMEOUT = 3600
-
-
-def make_app(broker: str) -> Celery:
-    """A Celery app on ``broker``; the web process uses one to publish after commit."""
-    app = Celery("workers", broker=broker, include=list(TASK_MODULES))
-    app.conf.update(
-        result_backend=None,
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-        task_queues=[Queue(name) for name in QUEUES],
-        task_default_queue="remediation",
-        task_routes={f"workers.{name}.*": {"queue": name} for name in ("hooks", "settlement")},
-        timezone="UTC",
-    )
-    return app
+__all__ = ["QUEUES", "app", "beat_schedule"]
 
 
 def beat_schedule(settlement_line: str) -> dict[str, dict[str, Any]]:
-    every: dict[str, dict[str, Any]] = {
+    return {
         "relay-outbox": {"task": "workers.remediation.relay_outbox", "schedule": 15.0},
         "sweep-stale-transfers": {
             "task": "workers.remediation.sweep_stale_transfers",
@@ -62,44 +44,36 @@ def beat_schedule(settlement_line: str) -> dict[str, dict[str, Any]]:
             "schedule": schedule(settlement_line),
         },
     }
-    return every
 
 
-app = make_app(broker_url())
-# Beat builds its scheduler before any signal fires, so the schedule is set here; a bad
-# OES_SETTLEMENT_SCHEDULE stops beat in _checked_settings before its first tick.
-try:
-    app.conf.beat_schedule = beat_schedule(
-        os.environ.get("OES_SETTLEMENT_SCHEDULE", "").strip() or "0 0 * * *"
-    )
-except SettingsError:
-    app.conf.beat_schedule = {}
-
-
-def _checked_settings() -> None:
-    """Refuse to start on a bad setting, with one line naming it."""
+def checked(read: Callable[[], T]) -> T:
+    """Settings from ``read``; on a bad one, one line naming it and exit code 2."""
     try:
-        settings()
+        return read()
     except SettingsError as exc:
         print(f"oes-partner worker: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
+def _configuration() -> dict[str, Any]:
+    s = checked(BrokerSettings.from_env)
+    return {**celery_config(s.redis_url), "beat_schedule": beat_schedule(s.settlement_schedule)}
+
+
+app = Celery("workers", include=list(TASK_MODULES))
+# A promise: evaluated when the configuration is first read, never at import.
+app.add_defaults(_configuration)
+
+
 @signals.setup_logging.connect
 def _logging(**_: Any) -> None:
-    from api.observability import configure_logging
-
     configure_logging()
 
 
 @signals.worker_init.connect
-def _worker_init(**_: Any) -> None:
-    _checked_settings()
-
-
 @signals.beat_init.connect
-def _beat_init(**_: Any) -> None:
-    _checked_settings()
+def _refuse_bad_settings(**_: Any) -> None:
+    checked(settings)
 
 
 @signals.task_prerun.connect

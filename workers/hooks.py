@@ -5,20 +5,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
 import httpx
 import structlog
 
 from models import outbox
+from models.moments import iso
 from models.outbox import EventStatus, OutboxEvent
 from workers.celery import app
-from workers.runtime import publish, report, transaction
+from workers.process import report, transaction
 from workers.settings import settings
 
 log = structlog.get_logger(__name__)
@@ -40,19 +39,11 @@ def body(event: OutboxEvent) -> bytes:
         {
             "id": str(event.id),
             "type": event.topic,
-            "createdAt": event.created_at.astimezone(UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "createdAt": iso(event.created_at),
             "data": event.payload,
         },
         separators=(",", ":"),
     ).encode()
-
-
-def backoff(failures: int, *, base: float, cap: float) -> float:
-    """Exponential delay after ``failures`` failed attempts, with equal jitter."""
-    delay = min(cap, base * 2.0 ** (failures - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,6 @@ def deliver(event_id: str) -> str:
     """Deliver one outbox event; quiet when it is already delivered or in other hands."""
     s = settings()
     ident = uuid.UUID(event_id)
-    retry_in: float | None = None
     with transaction() as session:
         event = outbox.claim(session, ident)
         if event is None:
@@ -104,23 +94,26 @@ def deliver(event_id: str) -> str:
             outbox.delivered(session, ident)
             log.info("hook_delivered", event_id=event_id, topic=event.topic)
             return "delivered"
-        failures = event.attempts + 1
-        permanent = not attempt.retriable or failures >= s.hook_max_attempts
-        retry_in = (
-            None if permanent else backoff(failures, base=s.hook_backoff, cap=s.hook_backoff_max)
+        failure = outbox.failed(
+            session,
+            event,
+            error=attempt.error or "",
+            retriable=attempt.retriable,
+            policy=outbox.RetryPolicy(
+                max_attempts=s.hook_max_attempts, base=s.hook_backoff, cap=s.hook_backoff_max
+            ),
         )
-        status = outbox.failed(session, ident, error=attempt.error or "", retry_in=retry_in)
         log.warning(
             "hook_failed",
             event_id=event_id,
-            attempt=failures,
+            attempt=failure.attempt,
             error=attempt.error,
-            status=status.value,
-            retry_in=retry_in,
+            status=failure.status.value,
+            retry_in=failure.retry_in,
         )
-    if retry_in is not None:
-        deliver.apply_async((event_id,), countdown=retry_in)
-    return status.value
+    if failure.retry_in is not None:
+        deliver.apply_async((event_id,), countdown=failure.retry_in)
+    return failure.status.value
 
 
 @app.task(name="workers.hooks.deliver_many")
@@ -141,7 +134,6 @@ def redrive_dead(self: Any, event_ids: list[str] | None = None) -> dict[str, Any
     ids = [uuid.UUID(i) for i in event_ids] if event_ids else None
     with transaction() as session:
         revived = outbox.redrive(session, ids)
-    publish(app, revived)
     return report(self, {"redriven": len(revived)})
 
 

@@ -9,14 +9,13 @@ import structlog
 
 from models import outbox, reconciliation, runs, transfers
 from models.errors import DomainError
-from models.states import Action
-from workers.bitgo import BitGoClient, BitGoError, BitGoNotFound
+from models.states import stale_verdict
+from workers.bitgo_client import BitGoClient, BitGoError, BitGoNotFoundError
 from workers.celery import app
-from workers.runtime import bitgo, publish, report, transaction
+from workers.process import NOT_CONFIGURED, bitgo, report, transaction
 from workers.settings import settings
 
 log = structlog.get_logger(__name__)
-NOT_CONFIGURED = {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"}
 
 # A relayed event is not relayed again for this long, so that a sweep every few
 # seconds does not queue the same delivery over and over while workers are busy.
@@ -25,36 +24,20 @@ RELAY_LEASE = 120.0
 RUNS_KEPT_DAYS = 14
 
 
-def _bitgo_action(record: transfers.TransferRecord, remote: dict[str, Any] | None) -> Action | str:
-    """What BitGo's view says to do here: an Action, or why we leave the transfer."""
-    if remote is None:  # 404: BitGo never reserved it, or forgot it; nothing will clear it
-        return Action.RELEASE
-    kind = remote.get("type")
-    if kind is not None and kind != record.kind.value:
-        return "kind_mismatch"
-    status = remote.get("status")
-    if status == "cleared":
-        return Action.CLEAR
-    if status == "released":
-        return Action.RELEASE
-    if status == "reserved":
-        return "still_reserved"
-    return "unexpected_status"
-
-
 def _converge(client: BitGoClient, record: transfers.TransferRecord) -> str:
     """Bring one stale reservation in line with BitGo; what happened, as a summary key."""
     ident = str(record.transfer_id)
     try:
         remote: dict[str, Any] | None = client.allocation(ident)
-    except BitGoNotFound:
+    except BitGoNotFoundError:
         remote = None
     except BitGoError as exc:
         log.warning("stale_lookup_failed", transfer_id=ident, error=exc.message)
         return "errors"
-    action = _bitgo_action(record, remote)
-    if not isinstance(action, Action):
-        return action
+    verdict = stale_verdict(record.kind, remote)
+    action = verdict.action
+    if action is None:
+        return verdict.value
     try:
         with transaction() as session:
             result = transfers.settle(
@@ -103,9 +86,11 @@ def relay_outbox(self: Any, batch: int = 500, max_batches: int = 20) -> dict[str
     relayed = 0
     for _ in range(max_batches):
         with transaction() as session:
-            due = outbox.due(session, grace=settings().outbox_grace, lease=RELAY_LEASE, limit=batch)
-        relayed += publish(app, due)
-        if len(due) < batch:
+            due = outbox.relay_due(
+                session, grace=settings().outbox_grace, lease=RELAY_LEASE, limit=batch
+            )
+        relayed += due
+        if due < batch:
             break
     with transaction() as session:
         pruned = runs.prune(session, keep_days=RUNS_KEPT_DAYS)

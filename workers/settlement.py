@@ -8,11 +8,11 @@ from typing import Any
 import structlog
 
 from models import settlements
-from models.errors import InvariantViolation
+from models.errors import InvariantError
 from models.settlements import SettlementRecord, SettlementStatus
-from workers.bitgo import BitGoClient, BitGoConflict, BitGoError
+from workers.bitgo_client import BitGoClient, BitGoConflictError, BitGoError
 from workers.celery import app
-from workers.runtime import bitgo, report, transaction
+from workers.process import NOT_CONFIGURED, bitgo, report, transaction
 from workers.settings import MAX_COUNTDOWN, settings
 
 log = structlog.get_logger(__name__)
@@ -21,16 +21,8 @@ log = structlog.get_logger(__name__)
 def _signed(client: BitGoClient, record: SettlementRecord) -> SettlementRecord:
     """Sign the body through Express and store it; from then on it never changes."""
     payload, signature = client.sign_payload(record.payload())
-    body = {
-        "externalId": record.external_id,
-        "settlementAmounts": record.amounts,
-        "nonce": str(record.id),
-        "notes": f"oes-partner settlement {record.seq}",
-        "payload": payload,
-        "signature": signature,
-    }
     with transaction() as session:
-        return settlements.store_body(session, record.id, body)
+        return settlements.store_body(session, record.id, record.signed_body(payload, signature))
 
 
 def _retry_later(record: SettlementRecord) -> float:
@@ -44,10 +36,10 @@ def _retry_later(record: SettlementRecord) -> float:
 def _post(client: BitGoClient, record: SettlementRecord) -> dict[str, Any]:
     """Post the stored body once and record what BitGo said."""
     if record.body is None:  # the schema's CHECK keeps a posted settlement's body
-        raise InvariantViolation(f"settlement {record.id} has no body to post")
+        raise InvariantError(f"settlement {record.id} has no body to post")
     try:
         answer = client.post_settlement(record.body)
-    except BitGoConflict as exc:
+    except BitGoConflictError as exc:
         with transaction() as session:
             settlements.finish(
                 session, record.id, SettlementStatus.CONFLICT, reason=f"BitGo 409: {exc.message}"
@@ -67,29 +59,23 @@ def _post(client: BitGoClient, record: SettlementRecord) -> dict[str, Any]:
             outcome["retry_in"] = round(_retry_later(updated), 3)
         log.warning("settlement_post_failed", external_id=record.external_id, error=exc.message)
         return outcome | {"error": exc.message}
-    status = str(answer.get("status", ""))
-    bitgo_id = str(answer["id"]) if answer.get("id") is not None else None
-    reason = str(answer["reason"]) if answer.get("reason") is not None else None
-    final = {"completed": SettlementStatus.COMPLETED, "rejected": SettlementStatus.REJECTED}
+    read = settlements.verdict(answer)
     with transaction() as session:
-        if status in final:
+        if read.status is SettlementStatus.PENDING:
+            updated = settlements.attempted(
+                session, record.id, reason=read.reason or "", bitgo_status=read.bitgo_status
+            )
+        else:
             updated = settlements.finish(
                 session,
                 record.id,
-                final[status],
-                reason=reason,
-                bitgo_id=bitgo_id,
-                bitgo_status=status,
+                read.status,
+                reason=read.reason,
+                bitgo_id=read.bitgo_id,
+                bitgo_status=read.bitgo_status,
             )
-        else:
-            updated = settlements.attempted(
-                session,
-                record.id,
-                reason=reason or f"BitGo answered {status or 'no status'}",
-                bitgo_status=status or None,
-            )
-    outcome = {"settlement": record.external_id, "outcome": status or "unknown"}
-    if status not in final and updated is not None:
+    outcome = {"settlement": record.external_id, "outcome": read.bitgo_status or "unknown"}
+    if read.status is SettlementStatus.PENDING and updated is not None:
         outcome["retry_in"] = round(_retry_later(updated), 3)
     return outcome
 
@@ -99,7 +85,7 @@ def post_settlement(self: Any, settlement_id: str) -> dict[str, Any]:
     """Post a pending settlement's stored body again; quiet once it is final."""
     client = bitgo()
     if client is None:
-        return report(self, {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"})
+        return report(self, NOT_CONFIGURED)
     with transaction() as session:
         record = settlements.get(session, uuid.UUID(settlement_id))
     if record.status is not SettlementStatus.PENDING:
@@ -113,7 +99,7 @@ def run_settlement(self: Any) -> dict[str, Any]:
     """Settle: resume the settlement in flight, or net the unsettled trades into a new one."""
     client = bitgo()
     if client is None:
-        return report(self, {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"})
+        return report(self, NOT_CONFIGURED)
     if settings().bitgo_express_url is None or settings().bitgo_wallet_id is None:
         client.close()
         return report(self, {"skipped": "BITGO_EXPRESS_URL or BITGO_WALLET_ID not set"})

@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import BitGo, Link, row_count
+from tests.conftest import BitGo, Link, Response, row_count
 
 KINDS = ["allocation", "deallocation"]
 QUANTITY = 1000
@@ -70,12 +69,12 @@ class Scene:
     def body(self, quantity: Any = str(QUANTITY)) -> dict[str, Any]:
         return self.link.body(self.kind, self.transfer_id, quantity)
 
-    def post(self, body: Any) -> httpx.Response:
+    def post(self, body: Any) -> Response:
         return self.bitgo.http.post(
             f"/bitgo/v1/{self.kind}s", json=body, headers=self.bitgo.headers()
         )
 
-    def post_raw(self, content: Any, **headers: str) -> httpx.Response:
+    def post_raw(self, content: Any, **headers: str) -> Response:
         return self.bitgo.http.post(
             f"/bitgo/v1/{self.kind}s",
             content=content,
@@ -105,7 +104,7 @@ def unchanged(scene: Scene) -> Iterator[None]:
     assert scene.snapshot() == before
 
 
-def assert_error(answer: httpx.Response, status: int = 400) -> str:
+def assert_error(answer: Response, status: int = 400) -> str:
     assert answer.status_code == status, answer.text
     body = answer.json()
     assert set(body) == {"error"}
@@ -297,7 +296,7 @@ def test_78_digit_quantity_shows_exactly_in_balances_and_database(
     assert row_count(sessions, "transfers", exact, id=transfer_id, q=BIG) == 1
 
 
-def reserve_big(bitgo: BitGo, link: Link, kind: str, transfer_id: str) -> httpx.Response:
+def reserve_big(bitgo: BitGo, link: Link, kind: str, transfer_id: str) -> Response:
     if kind == "deallocation":
         bitgo.fund(link, int(BIG))
     return bitgo.reserve(kind, link, transfer_id, BIG)

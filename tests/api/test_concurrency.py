@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.devkeys import sign
+from cli.devkeys import sign
 from models import ledger
 from tests.conftest import BitGo, Keys, LiveServer, row_count
 

@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, cast
 
-import httpx
 import pytest
 from openapi_schema_validator import OAS31Validator, oas31_format_checker
 from openapi_spec_validator import validate
@@ -20,6 +19,7 @@ from api import openapi
 from api.app import create_app
 from api.settings import Settings
 from tests.conftest import BitGo, Link
+from tests.conftest import Response as Answer
 
 # SPEC §2, §3, §5, §9: the answers each route can give (500 aside).
 EXPECTED_CODES = {
@@ -111,7 +111,7 @@ def test_security_by_prefix(doc: dict[str, Any]) -> None:
     }
     for path, ops in doc["paths"].items():
         for operation in ops.values():
-            expected = (
+            expected: list[dict[str, list[str]]] = (
                 [{"bitgoSignature": []}]
                 if path.startswith("/bitgo/v1/")
                 else [{"internalToken": []}]
@@ -221,7 +221,7 @@ def test_document_does_not_share_state_between_calls() -> None:
 # --- the document against real answers --------------------------------------------------
 
 
-def conforms(doc: dict[str, Any], method: str, path: str, answer: httpx.Response) -> None:
+def conforms(doc: dict[str, Any], method: str, path: str, answer: Answer) -> None:
     """``answer`` is one the document lists for the route, with a body matching its schema."""
     responses = doc["paths"][path][method]["responses"]
     code = str(answer.status_code)
@@ -238,7 +238,7 @@ def conforms(doc: dict[str, Any], method: str, path: str, answer: httpx.Response
 def test_answers_match_the_document(
     doc: dict[str, Any], client: TestClient, bitgo: BitGo, link: Link
 ) -> None:
-    def check(method: str, path: str, answer: httpx.Response, status: int = 200) -> None:
+    def check(method: str, path: str, answer: Answer, status: int = 200) -> None:
         assert answer.status_code == status, answer.text
         conforms(doc, method, path, answer)
 

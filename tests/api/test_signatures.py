@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from api.app import create_app
-from api.devkeys import sign
 from api.settings import Settings
-from api.signatures import KeySet, TokenRefused, Verifier
+from api.signatures import KeySet, TokenRefusedError, Verifier
+from cli.devkeys import sign
 from tests.conftest import BitGo, Keys, Link, row_count
 
 ALLOCATIONS = "/bitgo/v1/allocations"
@@ -282,14 +282,14 @@ def test_jwks_file_kid_naming_another_key_is_refused(
     """The kid picks the one key to try; a token signed by another listed key fails."""
     jwks = write_jwks(tmp_path / "k.json", {"a": keys.private, "b": keys.other_private})
     token = rs256(keys.other_private, headers={"kid": "a"})
-    with pytest.raises(TokenRefused):
+    with pytest.raises(TokenRefusedError):
         verifier(KeySet.load(jwks), redis).claims(token)
 
 
 def test_jwks_file_unknown_kid_is_refused(keys: Keys, redis: Redis, tmp_path: Path) -> None:
     jwks = write_jwks(tmp_path / "k.json", {"a": keys.private})
     token = rs256(keys.private, headers={"kid": "z"})
-    with pytest.raises(TokenRefused):
+    with pytest.raises(TokenRefusedError):
         verifier(KeySet.load(jwks), redis).claims(token)
 
 
@@ -320,7 +320,7 @@ def test_issuer_and_audience_are_enforced_when_set(
     keys: Keys, redis: Redis, claims: dict[str, Any]
 ) -> None:
     check = verifier(KeySet.load(keys.public), redis, issuer=ISSUER, audience=AUDIENCE)
-    with pytest.raises(TokenRefused):
+    with pytest.raises(TokenRefusedError):
         check.claims(rs256(keys.private, **claims))
 
 

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.devkeys import ensure_key_pair
-from api.sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, SANDBOX_WALLET
-from api.sandbox.store import hmac_hex
+from cli.devkeys import ensure_key_pair
 from models.db import session_factory, sync_engine
+from sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, SANDBOX_WALLET
+from sandbox.store import hmac_hex
 from tests.conftest import INTERNAL_TOKEN, free_port, fresh_database, wait_ready
 from tests.workers.conftest import Worker, eventually, spare_redis_db
 
@@ -150,7 +150,7 @@ class System:
 def _process(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "api.cli", *command],
+            [sys.executable, "-m", "cli.main", *command],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,

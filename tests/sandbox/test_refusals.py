@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from api.devkeys import ensure_key_pair
-from api.sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, create_sandbox_app
-from api.sandbox.cli import parse_fault
-from api.sandbox.store import Connection, Store, hmac_hex
+from cli.devkeys import ensure_key_pair
+from sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, create_sandbox_app
+from sandbox.cli import parse_fault
+from sandbox.store import Connection, Store, hmac_hex
 
 PARTNER = f"/api/network/v1/enterprises/{SANDBOX_ENTERPRISE}/partners"
 AUTH = {"Authorization": f"Bearer {SANDBOX_ACCESS_TOKEN}"}

@@ -31,9 +31,8 @@ from api.settings import Settings
 from models.db import session_factory, sync_engine
 from tests.conftest import INTERNAL_TOKEN, BitGo, Keys, fresh_database
 from tests.stubs import Seen, Stub, serving
-from workers.celery import QUEUES, make_app
 from workers.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
-from workers.settings import broker_url
+from workers.publish import QUEUES, publisher
 
 SECRET = "platform-webhook-secret-0123456789"
 T = TypeVar("T")
@@ -261,7 +260,7 @@ def stack(
             "OES_OUTBOX_GRACE": "0",
             "OES_SETTLEMENT_RETRY": "0.3",
         }
-        tasks = make_app(broker_url(worker_redis))
+        tasks = publisher(worker_redis)
         with tasks.connection_for_write() as connection:
             for queue in QUEUES:
                 connection.default_channel.queue_purge(queue)

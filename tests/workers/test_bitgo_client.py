@@ -13,13 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests.stubs import Answer, Handler, Seen, Stub, serving
-from workers.bitgo import (
+from workers.bitgo_client import (
     BitGoClient,
     BitGoConfig,
-    BitGoConflict,
+    BitGoConflictError,
     BitGoError,
-    BitGoNotFound,
-    BitGoUnavailable,
+    BitGoNotFoundError,
+    BitGoUnavailableError,
 )
 
 TOKEN = "bitgo-test-token-abcdef"
@@ -124,7 +124,7 @@ def test_allocation_unwraps_an_allocation_envelope(stub: Stub, bitgo: BitGoClien
 
 def test_allocation_404_raises_bitgo_not_found(stub: Stub, bitgo: BitGoClient) -> None:
     stub.handler = lambda seen: (404, {"error": "allocation not found"})
-    with pytest.raises(BitGoNotFound) as caught:
+    with pytest.raises(BitGoNotFoundError) as caught:
         bitgo.allocation("nope")
     assert (caught.value.status, caught.value.message) == (404, "allocation not found")
     assert len(stub.requests()) == 1
@@ -207,7 +207,7 @@ def test_post_settlement_409_raises_bitgo_conflict_with_bitgo_text(
     stub: Stub, bitgo: BitGoClient
 ) -> None:
     stub.handler = lambda seen: (409, {"error": "externalId already used with a different body"})
-    with pytest.raises(BitGoConflict) as caught:
+    with pytest.raises(BitGoConflictError) as caught:
         bitgo.post_settlement({"externalId": "s1"})
     assert caught.value.status == 409
     assert caught.value.message == "externalId already used with a different body"
@@ -227,7 +227,7 @@ def test_5xx_on_every_attempt_raises_bitgo_unavailable(
     stub: Stub, bitgo: BitGoClient, delays: list[float]
 ) -> None:
     stub.handler = lambda seen: (502, {"error": "bad gateway"})
-    with pytest.raises(BitGoUnavailable) as caught:
+    with pytest.raises(BitGoUnavailableError) as caught:
         bitgo.balances()
     assert caught.value.status == 502
     assert len(stub.requests()) == 4
@@ -256,7 +256,7 @@ def test_connection_refused_raises_bitgo_unavailable_after_every_retry(
 ) -> None:
     with (
         make_client(closed_port_url(), delays, retries=2) as bitgo,
-        pytest.raises(BitGoUnavailable) as caught,
+        pytest.raises(BitGoUnavailableError) as caught,
     ):
         bitgo.balances()
     assert caught.value.status is None
@@ -282,7 +282,7 @@ def test_read_timeout_raises_bitgo_unavailable(stub: Stub, delays: list[float]) 
     try:
         with (
             make_client(stub.url, delays, timeout=0.3, retries=1) as bitgo,
-            pytest.raises(BitGoUnavailable) as caught,
+            pytest.raises(BitGoUnavailableError) as caught,
         ):
             bitgo.allocation("a1")
     finally:

@@ -9,11 +9,14 @@ import subprocess
 import sys
 
 import pytest
+from celery import Celery
 
-from api.settings import SettingsError
+from config.settings import SettingsError
+from models.outbox import RetryPolicy
 from workers.celery import app, beat_schedule
-from workers.hooks import backoff, signature
-from workers.settings import WorkerSettings, broker_url
+from workers.hooks import signature
+from workers.publish import broker_url
+from workers.settings import WorkerSettings
 
 BASE = {"DATABASE_URL": "postgresql://db/x", "REDIS_URL": "redis://r:6379/1"}
 
@@ -49,8 +52,31 @@ def test_a_bad_setting_is_refused_by_name(extra: dict[str, str], named: str) -> 
         WorkerSettings.from_env({**BASE, **extra})
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["worker", "--loglevel", "WARNING"],
+        ["beat", "--loglevel", "WARNING"],
+        ["call", "workers.remediation.relay_outbox"],
+    ],
+)
+def test_without_redis_url_every_celery_command_stops_with_one_line(command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "oes-partner worker: REDIS_URL is required and not set" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_worker_with_a_bad_setting_stops_with_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["REDIS_URL"] = "redis://127.0.0.1:1/0"  # never reached: the settings stop it first
     done = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel", "WARNING"],
         env=env,
@@ -76,9 +102,16 @@ def test_the_broker_is_the_same_redis(redis_url: str, celery_url: str) -> None:
     assert broker_url(redis_url) == celery_url
 
 
-def test_beat_schedules_every_sweep_and_the_settlement_on_registered_tasks() -> None:
-    schedule = beat_schedule("30 2 * * 1-5")
+@pytest.fixture
+def tasks(monkeypatch: pytest.MonkeyPatch) -> Celery:
+    """The worker app with its task modules loaded; its broker is never reached."""
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     app.loader.import_default_modules()
+    return app
+
+
+def test_beat_schedules_every_sweep_and_the_settlement_on_registered_tasks(tasks: Celery) -> None:
+    schedule = beat_schedule("30 2 * * 1-5")
     names = {entry["task"] for entry in schedule.values()}
     assert names == {
         "workers.remediation.relay_outbox",
@@ -86,16 +119,15 @@ def test_beat_schedules_every_sweep_and_the_settlement_on_registered_tasks() -> 
         "workers.remediation.reconcile_balances",
         "workers.settlement.run_settlement",
     }
-    assert names <= set(app.tasks)
+    assert names <= set(tasks.tasks)
     settlement = schedule["run-settlement"]["schedule"]
     assert settlement.hour == {2}
     assert settlement.minute == {30}
     assert settlement.day_of_week == {1, 2, 3, 4, 5}
 
 
-def test_every_task_has_its_module_name_and_acks_late() -> None:
-    app.loader.import_default_modules()
-    ours = {name: task for name, task in app.tasks.items() if name.startswith("workers.")}
+def test_every_task_has_its_module_name_and_acks_late(tasks: Celery) -> None:
+    ours = {name: task for name, task in tasks.tasks.items() if name.startswith("workers.")}
     assert len(ours) == 8
     for name, task in ours.items():
         assert name == f"{task.__module__}.{task.__wrapped__.__name__}"
@@ -112,6 +144,7 @@ def test_the_signature_is_an_hmac_of_timestamp_and_body() -> None:
 
 def test_backoff_doubles_with_equal_jitter_and_a_cap() -> None:
     for failures, nominal in ((1, 2.0), (2, 4.0), (3, 8.0), (10, 600.0)):
-        delays = [backoff(failures, base=2.0, cap=600.0) for _ in range(200)]
+        policy = RetryPolicy(max_attempts=15, base=2.0, cap=600.0)
+        delays = [policy.delay(failures) for _ in range(200)]
         assert all(nominal / 2 <= d <= nominal for d in delays)
         assert max(delays) - min(delays) > nominal / 10  # jittered, not fixed

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import structlog
 
-from api.devkeys import sign
-from api.sandbox.store import Fault
+from cli.devkeys import sign
+from sandbox.store import Fault
 
 log = structlog.get_logger(__name__)
 

@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from functools import wraps
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api import bodies, locks
+from api import bodies
 from api.errors import Unauthorized
 from api.observability import REPLAYS_REFUSED, TOKENS_REFUSED
-from api.runtime import Runtime
-from api.signatures import TokenRefused
+from api.rendering import render_connection, render_transfer
+from api.resources import resources
+from api.signatures import TokenRefusedError
 from models import connections, transfers
-from models.connections import ConnectionRecord
-from models.errors import NotFound
+from models.errors import NotFoundError
 from models.states import Action, Kind
-from models.transfers import TransferRecord
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def runtime(request: Request) -> Runtime:
-    value: Runtime = request.app.state.runtime
-    return value
 
 
 def signed(endpoint: Endpoint) -> Endpoint:
@@ -36,8 +28,8 @@ def signed(endpoint: Endpoint) -> Endpoint:
     @wraps(endpoint)
     async def checked(request: Request) -> Response:
         try:
-            await runtime(request).verifier.verify(request.headers.get("x-bitgo-signature"))
-        except TokenRefused as exc:
+            await resources(request).verifier.verify(request.headers.get("x-bitgo-signature"))
+        except TokenRefusedError as exc:
             reason = str(exc)
             if reason == "Token replayed":
                 REPLAYS_REFUSED.inc()
@@ -48,46 +40,6 @@ def signed(endpoint: Endpoint) -> Endpoint:
     return checked
 
 
-def iso(moment: datetime) -> str:
-    """ISO 8601 in UTC with a Z, whatever time zone the database session uses."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def render_transfer(record: TransferRecord) -> dict[str, Any]:
-    """The record as BitGo reads it (SPEC §3.5)."""
-    out: dict[str, Any] = {
-        record.kind.id_field: str(record.transfer_id),
-        f"partners{record.kind.label}Id": str(record.partners_transfer_id),
-        "amount": {"currency": record.currency, "quantity": str(record.quantity)},
-        "clientId": str(record.client_id),
-        "connectionId": str(record.connection_id),
-        "partnersClientId": record.partners_client_id,
-        "partnersConnectionId": record.partners_connection_id,
-        "status": record.status.value,
-        "createdAt": iso(record.created_at),
-        "updatedAt": iso(record.updated_at),
-    }
-    if record.rejection_reason is not None:
-        out["rejectionReason"] = record.rejection_reason
-    return out
-
-
-def render_connection(record: ConnectionRecord) -> dict[str, Any]:
-    return {
-        "clientId": str(record.client_id),
-        "connectionId": str(record.connection_id),
-        "partnersClientId": record.partners_client_id,
-        "partnersConnectionId": record.partners_connection_id,
-    }
-
-
-async def locked(http: Request, key: str, action: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """Run a domain action in one transaction while holding the Redis lock on ``key``."""
-    rt = runtime(http)
-    async with locks.held(rt.redis, key, wait=rt.settings.lock_wait, ttl=rt.settings.lock_ttl):
-        return await rt.run(action, **kwargs)
-
-
 @signed
 async def link_connection(request: Request) -> Response:
     body = bodies.json_object(await bodies.read_json(request))
@@ -95,8 +47,7 @@ async def link_connection(request: Request) -> Response:
     client_id = bodies.uuid_field(body, "clientId")
     token = bodies.required_text(body, "connectionToken")
     wallet = bodies.text_field(body, "clientWalletId")
-    record = await locked(
-        request,
+    record = await resources(request).locked(
         f"connection:{connection_id}",
         connections.link,
         connection_id=connection_id,
@@ -111,12 +62,11 @@ def _reserve(kind: Kind) -> Endpoint:
     @signed
     async def reserve(request: Request) -> Response:
         parsed = bodies.reserve_request(kind, await bodies.read_json(request))
-        record = await locked(
-            request,
+        record = await resources(request).locked(
             f"transfer:{parsed.transfer_id}",
             transfers.reserve,
             request=parsed,
-            rules=runtime(request).rules,
+            rules=resources(request).rules,
         )
         return JSONResponse(render_transfer(record))
 
@@ -129,9 +79,8 @@ def _settle(kind: Kind, action: Action) -> Endpoint:
     async def settle(request: Request) -> Response:
         transfer_id = bodies.path_uuid(request.path_params["id"])
         if transfer_id is None:
-            raise NotFound(f"{kind.label} not found")
-        record = await locked(
-            request,
+            raise NotFoundError(f"{kind.label} not found")
+        record = await resources(request).locked(
             f"transfer:{transfer_id}",
             transfers.settle,
             kind=kind,
@@ -149,8 +98,8 @@ def _status(kind: Kind) -> Endpoint:
     async def status(request: Request) -> Response:
         transfer_id = bodies.path_uuid(request.path_params["id"])
         if transfer_id is None:
-            raise NotFound(f"{kind.label} not found")
-        record = await runtime(request).run(transfers.get, kind=kind, transfer_id=transfer_id)
+            raise NotFoundError(f"{kind.label} not found")
+        record = await resources(request).run(transfers.get, kind=kind, transfer_id=transfer_id)
         return JSONResponse(render_transfer(record))
 
     status.__name__ = f"get_{kind.value}"

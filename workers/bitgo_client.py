@@ -24,15 +24,15 @@ class BitGoError(Exception):
         self.status = status
 
 
-class BitGoNotFound(BitGoError):
+class BitGoNotFoundError(BitGoError):
     """BitGo answered 404."""
 
 
-class BitGoConflict(BitGoError):
+class BitGoConflictError(BitGoError):
     """BitGo answered 409."""
 
 
-class BitGoUnavailable(BitGoError):
+class BitGoUnavailableError(BitGoError):
     """BitGo could not be reached, timed out or kept answering 5xx through every retry."""
 
 
@@ -81,7 +81,7 @@ class BitGoClient:
         self.close()
 
     def allocation(self, allocation_id: str) -> dict[str, Any]:
-        """One allocation or deallocation record; BitGoNotFound when BitGo does not know it."""
+        """One allocation or deallocation record; BitGoNotFoundError when BitGo does not know it."""
         path = f"{self._partners}/allocations/{quote(allocation_id, safe='')}"
         body = _object(self._call("GET", self._api, path), "the allocation")
         return _unwrap(body, "allocation")
@@ -177,7 +177,7 @@ class BitGoClient:
                 last_status = response.status_code
                 reason = f"HTTP {last_status}"
             if attempt == attempts:
-                raise BitGoUnavailable(
+                raise BitGoUnavailableError(
                     f"{method} {path} failed after {attempts} attempts: {reason}",
                     status=last_status,
                 )
@@ -190,7 +190,7 @@ def _decode(response: httpx.Response) -> Any:
     """The JSON of a 2xx answer, or the typed error a 3xx/4xx answer stands for."""
     status = response.status_code
     if not response.is_success:
-        kind = {404: BitGoNotFound, 409: BitGoConflict}.get(status, BitGoError)
+        kind = {404: BitGoNotFoundError, 409: BitGoConflictError}.get(status, BitGoError)
         raise kind(_error_text(response), status=status)
     try:
         return response.json()

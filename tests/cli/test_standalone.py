@@ -33,7 +33,7 @@ def standalone() -> Iterator[Standalone]:
             [
                 sys.executable,
                 "-m",
-                "api.cli",
+                "cli.main",
                 "standalone",
                 "--data-dir",
                 str(data),
@@ -68,7 +68,7 @@ def test_standalone_takes_an_allocation_end_to_end(
     standalone: Standalone,
 ) -> None:
     url, data, _ = standalone
-    import api.devkeys  # noqa: F401 - the module the README's dev-jwt uses
+    import cli.devkeys  # noqa: F401 - the module the README's dev-jwt uses
 
     bitgo = BitGo(
         httpx.Client(base_url=url, timeout=10), (data / "bitgo-dev-private.pem").read_bytes()
@@ -116,7 +116,7 @@ def test_three_commands_take_a_first_allocation_through_the_sandbox(
 
     def cli(*command: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "api.cli", "sandbox", *common, *command],
+            [sys.executable, "-m", "cli.main", "sandbox", *common, *command],
             capture_output=True,
             text=True,
             timeout=60,

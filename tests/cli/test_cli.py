@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.cli import main
+from cli.main import main
 from tests.conftest import BitGo
 
 
@@ -111,7 +111,7 @@ def test_ledger_entries_cannot_be_edited(bitgo: BitGo, sessions: sessionmaker[Se
 
 def test_a_missing_setting_stops_with_one_line_naming_it() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "serve"],
+        [sys.executable, "-m", "cli.main", "serve"],
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -142,14 +142,16 @@ def test_db_upgrade_is_idempotent(cli_env: None, capsys: pytest.CaptureFixture[s
 def test_a_bad_setting_is_refused_naming_it(
     env: dict[str, str], change: dict[str, str], named: str
 ) -> None:
-    from api.settings import Settings, SettingsError
+    from api.settings import Settings
+    from config.settings import SettingsError
 
     with pytest.raises(SettingsError, match=named):
         Settings.from_env({**env, **change})
 
 
 def test_a_key_file_without_keys_is_refused_at_start(env: dict[str, str], tmp_path: Path) -> None:
-    from api.settings import Settings, SettingsError
+    from api.settings import Settings
+    from config.settings import SettingsError
 
     empty = tmp_path / "keys.pem"
     empty.write_text("not a key\n")

@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import structlog
-from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from models import ledger, runs
+from models import outbox, runs
 from models.db import session_factory, sync_engine
-from workers.bitgo import BitGoClient, BitGoConfig
+from workers.bitgo_client import BitGoClient, BitGoConfig
+from workers.publish import publish
 from workers.settings import settings
 
 log = structlog.get_logger(__name__)
-DELIVER = "workers.hooks.deliver"
-DELIVER_MANY = "workers.hooks.deliver_many"
-BATCH = 500
+NOT_CONFIGURED = {"skipped": "BITGO_ACCESS_TOKEN or BITGO_ENTERPRISE_ID not set"}
 _engines: dict[tuple[int, str], Engine] = {}
 
 
@@ -37,33 +35,17 @@ def engine() -> Engine:
     return _engines[key]
 
 
-def publish(app: Celery, event_ids: Iterable[uuid.UUID]) -> int:
-    """Queue deliveries for events, many to a message; the relay re-sends what this fails to."""
-    ids = [str(i) for i in event_ids]
-    sent = 0
-    for start in range(0, len(ids), BATCH):
-        chunk = ids[start : start + BATCH]
-        try:
-            if len(chunk) == 1:
-                app.send_task(DELIVER, args=chunk)
-            else:
-                app.send_task(DELIVER_MANY, args=[chunk])
-            sent += len(chunk)
-        except Exception as exc:  # the broker is down: the outbox rows stay pending
-            log.warning("publish_failed", events=len(chunk), error=str(exc))
-    return sent
+def _publish(event_ids: list[uuid.UUID]) -> None:
+    from workers.celery import app  # the app imports the task modules, which import us
+
+    publish(app, event_ids)
 
 
 @contextmanager
 def transaction() -> Iterator[Session]:
-    """One database transaction; its outbox events are published once it has committed."""
-    from workers.celery import app
-
-    with session_factory(engine())() as session:
-        with session.begin():
-            yield session
-        events = ledger.written_events(session)
-    publish(app, events)
+    """One database transaction; its outbox events are queued once it has committed."""
+    with outbox.transaction(session_factory(engine()), _publish) as session:
+        yield session
 
 
 def report(task: Any, summary: dict[str, Any]) -> dict[str, Any]:

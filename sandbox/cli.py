@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -12,10 +11,10 @@ from typing import Any
 
 import httpx
 
-from api.sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE
-from api.sandbox.store import FAULT_MODES, Fault, hmac_hex
+from cli.settings import defaults
+from sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE
+from sandbox.store import FAULT_MODES, Fault, hmac_hex
 
-DEFAULT_PORT = 8100
 CLIENT_FILE = "sandbox-client.json"
 
 
@@ -32,17 +31,14 @@ def parse_fault(text: str) -> Fault:
 
 
 def add_parser(sub: Any) -> None:
+    cli_defaults = defaults()
     box = sub.add_parser(
         "sandbox", help="a local BitGo: run it (no subcommand), or call it as a client"
     )
-    box.add_argument(
-        "--port", type=int, default=int(os.environ.get("OES_SANDBOX_PORT", DEFAULT_PORT))
-    )
+    box.add_argument("--port", type=int, default=cli_defaults.sandbox_port)
     box.add_argument("--host", default="127.0.0.1")
-    box.add_argument(
-        "--gateway", default=os.environ.get("OES_GATEWAY_URL", "http://127.0.0.1:8000")
-    )
-    box.add_argument("--data-dir", default=os.environ.get("OES_DATA_DIR", ".oes-data"))
+    box.add_argument("--gateway", default=cli_defaults.gateway_url)
+    box.add_argument("--data-dir", default=str(cli_defaults.data_dir))
     box.add_argument(
         "--fault",
         action="append",
@@ -76,15 +72,15 @@ def add_parser(sub: Any) -> None:
 
 
 def _url(args: argparse.Namespace) -> str:
-    return os.environ.get("OES_SANDBOX_URL") or f"http://{args.host}:{args.port}"
+    return defaults().sandbox_url or f"http://{args.host}:{args.port}"
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.devkeys import ensure_key_pair
-    from api.observability import configure_logging
-    from api.sandbox.app import create_sandbox_app
+    from cli.devkeys import ensure_key_pair
+    from config.logs import configure_logging
+    from sandbox.app import create_sandbox_app
 
     private, public = ensure_key_pair(Path(args.data_dir).resolve())
     print("oes-partner sandbox: a local BitGo")
@@ -136,7 +132,7 @@ def _show(answer: httpx.Response) -> int:
 
 
 def _internal_token(args: argparse.Namespace) -> str:
-    token = os.environ.get("OES_INTERNAL_TOKEN", "").strip()
+    token = defaults().internal_token or ""
     path = Path(args.data_dir) / "internal-token"
     if not token and path.exists():
         token = path.read_text().strip()

@@ -1,5 +1,5 @@
 """A local BitGo for CI and demos: client and partner routes, signed calls, fault injection."""
 
-from api.sandbox.app import create_sandbox_app
+from sandbox.app import create_sandbox_app
 
 __all__ = ["create_sandbox_app"]

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.sandbox.gateway import Gateway, NoAnswer
-from api.sandbox.store import (
+from sandbox.gateway import Gateway, NoAnswer
+from sandbox.store import (
     FAULT_MODES,
     Allocation,
     Connection,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shlex
 import subprocess
@@ -14,13 +13,14 @@ from pathlib import Path
 import uvicorn
 
 from api.app import create_app
-from api.devkeys import ensure_key_pair
-from api.embedded import start_postgres, start_redis
-from api.observability import configure_logging
-from api.sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, SANDBOX_WALLET
 from api.settings import Settings
+from cli.devkeys import ensure_key_pair
+from cli.embedded import start_postgres, start_redis
+from cli.settings import environment
+from config.logs import configure_logging
 from models.migrate import upgrade
-from workers.celery import QUEUES
+from sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE, SANDBOX_WALLET
+from workers.publish import QUEUES
 
 
 def _internal_token(data_dir: Path) -> str:
@@ -36,7 +36,7 @@ def prepared(data_dir: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
     """Environment for a full gateway, embedded servers started where URLs are unset."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = environment()
     notes: list[str] = []
     servers = []
     try:
@@ -114,7 +114,7 @@ def _wire_sandbox(env: dict[str, str], sandbox_url: str) -> bool:
 
     The sandbox signs with the development key pair, so the gateway must trust it.
     """
-    if env.get("BITGO_API_URL") or os.environ.get("BITGO_PUBLIC_KEYS"):
+    if env.get("BITGO_API_URL") or environment().get("BITGO_PUBLIC_KEYS"):
         return False
     env.update(
         BITGO_API_URL=sandbox_url,
@@ -148,7 +148,7 @@ def run(*, data_dir: Path, host: str, port: int, sandbox_port: int | None) -> in
         children.enter_context(_child(_worker_command(data_dir), env))
         if sandbox:
             command = [
-                "api.cli",
+                "cli.main",
                 "sandbox",
                 "--host",
                 host,

@@ -4,43 +4,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy.orm import Session
-
-from api.settings import SettingsError
+from cli import settings
+from cli.settings import SettingsError
 
 T = TypeVar("T")
 
 
-def _database_url() -> str:
-    url = os.environ.get("DATABASE_URL", "").strip()
-    if not url:
-        raise SettingsError("DATABASE_URL is required and not set")
-    return url
+def _publish(event_ids: list[uuid.UUID]) -> None:
+    """Queue deliveries of what a command's transaction wrote; without REDIS_URL the relay will."""
+    from workers.publish import publish, publisher
 
-
-@contextmanager
-def _session() -> Iterator[Session]:
-    from models.db import session_factory, sync_engine
-
-    engine = sync_engine(_database_url(), pool_size=1)
+    redis_url = settings.redis_url()
+    if redis_url is None:
+        print(f"{len(event_ids)} event(s) left for the relay (REDIS_URL is unset)", file=sys.stderr)
+        return
+    app = publisher(redis_url)
     try:
-        with session_factory(engine).begin() as session:
-            yield session
+        publish(app, event_ids)
     finally:
-        engine.dispose()
+        app.close()
 
 
 def _in_session(action: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    with _session() as session:
-        return action(session, *args, **kwargs)
+    """Run a domain action in one transaction; its events are queued once it commits."""
+    from models import outbox
+    from models.db import session_factory, sync_engine
+
+    engine = sync_engine(settings.database_url(), pool_size=1)
+    try:
+        with outbox.transaction(session_factory(engine), _publish) as session:
+            return action(session, *args, **kwargs)
+    finally:
+        engine.dispose()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -62,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_standalone(args: argparse.Namespace) -> int:
-    from api.standalone import run
+    from cli.standalone import run
 
     return run(
         data_dir=Path(args.data_dir),
@@ -75,7 +77,7 @@ def cmd_standalone(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from models.migrate import upgrade
 
-    upgrade(_database_url(), args.revision)
+    upgrade(settings.database_url(), args.revision)
     print(f"database at {args.revision}")
     return 0
 
@@ -110,11 +112,11 @@ def cmd_connections_list(args: argparse.Namespace) -> int:
 
 def cmd_set_active(args: argparse.Namespace) -> int:
     from models import connections
-    from models.errors import NotFound
+    from models.errors import NotFoundError
 
     try:
         record = _in_session(connections.set_active, args.id, active=args.active)
-    except NotFound as exc:
+    except NotFoundError as exc:
         print(f"oes-partner: {exc.message}: {args.id}", file=sys.stderr)
         return 1
     state = "active" if record.active else "inactive"
@@ -173,9 +175,6 @@ def cmd_outbox_redrive(args: argparse.Namespace) -> int:
     import uuid
 
     from models import outbox
-    from workers.celery import make_app
-    from workers.runtime import publish
-    from workers.settings import broker_url
 
     if not args.all and not args.ids:
         print("oes-partner: name event ids to re-drive, or pass --all", file=sys.stderr)
@@ -186,10 +185,7 @@ def cmd_outbox_redrive(args: argparse.Namespace) -> int:
         print("oes-partner: event ids are UUIDs", file=sys.stderr)
         return 2
     revived = _in_session(outbox.redrive, ids)
-    app = make_app(broker_url(os.environ.get("REDIS_URL")))
-    queued = publish(app, revived)
-    app.close()
-    print(f"re-driven {len(revived)} dead letter(s), {queued} queued for delivery")
+    print(f"re-driven {len(revived)} dead letter(s)")
     return 0
 
 
@@ -208,29 +204,28 @@ def cmd_settlements_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_jwt(args: argparse.Namespace) -> int:
-    from api.devkeys import sign
+    from cli.devkeys import sign
 
     print(sign(Path(args.key).read_bytes(), lifetime=args.lifetime))
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
+    defaults = settings.defaults()
     top = argparse.ArgumentParser(prog="oes-partner", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the web process (settings from the environment)")
-    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))  # noqa: S104 - a server's job is to listen
-    serve.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
-    serve.add_argument("--workers", type=int, default=os.environ.get("WEB_CONCURRENCY", "1"))
+    serve.add_argument("--host", default=defaults.host)
+    serve.add_argument("--port", type=int, default=defaults.port)
+    serve.add_argument("--workers", type=int, default=defaults.web_concurrency)
     serve.set_defaults(func=cmd_serve)
 
     standalone = sub.add_parser("standalone", help="everything on one machine, no set-up")
-    standalone.add_argument("--data-dir", default=os.environ.get("OES_DATA_DIR", ".oes-data"))
+    standalone.add_argument("--data-dir", default=str(defaults.data_dir))
     standalone.add_argument("--host", default="127.0.0.1")
-    standalone.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
-    standalone.add_argument(
-        "--sandbox-port", type=int, default=os.environ.get("OES_SANDBOX_PORT", "8100")
-    )
+    standalone.add_argument("--port", type=int, default=defaults.port)
+    standalone.add_argument("--sandbox-port", type=int, default=defaults.sandbox_port)
     standalone.add_argument(
         "--no-sandbox", action="store_true", help="do not run the BitGo sandbox beside it"
     )
@@ -285,20 +280,23 @@ def parser() -> argparse.ArgumentParser:
     slist.add_argument("--limit", type=int, default=50)
     slist.set_defaults(func=cmd_settlements_list)
 
-    from api.sandbox.cli import add_parser as add_sandbox
-
-    add_sandbox(sub)
+    try:
+        from sandbox.cli import add_parser as add_sandbox
+    except ImportError:  # a production image carries no sandbox
+        pass
+    else:
+        add_sandbox(sub)
 
     dev = sub.add_parser("dev-jwt", help="print a BitGo-style JWT signed with a development key")
-    dev.add_argument("--key", default=str(Path(".oes-data") / "bitgo-dev-private.pem"))
+    dev.add_argument("--key", default=str(defaults.data_dir / "bitgo-dev-private.pem"))
     dev.add_argument("--lifetime", type=int, default=60)
     dev.set_defaults(func=cmd_dev_jwt)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         code: int = args.func(args)
     except SettingsError as exc:
         print(f"oes-partner: {exc}", file=sys.stderr)

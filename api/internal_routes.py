@@ -14,10 +14,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import bodies
-from api.bitgo import Endpoint, iso, locked, render_transfer, runtime
+from api.bitgo_routes import Endpoint
 from api.errors import BadRequest, Unauthorized
+from api.rendering import iso, render_transfer
+from api.resources import resources
 from models import connections, trades, transfers
-from models.errors import NotFound
+from models.errors import NotFoundError
 from models.states import Kind, Status
 
 MAX_PAGE = 500
@@ -29,7 +31,7 @@ def internal(endpoint: Endpoint) -> Endpoint:
 
     @wraps(endpoint)
     async def checked(request: Request) -> Response:
-        expected = runtime(request).settings.internal_token.value
+        expected = resources(request).settings.internal_token.value
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -45,7 +47,7 @@ def internal(endpoint: Endpoint) -> Endpoint:
 async def issue_connection_token(request: Request) -> Response:
     body = bodies.json_object(await bodies.read_json(request))
     client = bodies.required_text(body, "partnersClientId", "partnerClientId")
-    rt = runtime(request)
+    rt = resources(request)
     issued = await rt.run(
         connections.issue_token,
         partners_client_id=client,
@@ -64,8 +66,8 @@ async def issue_connection_token(request: Request) -> Response:
 async def get_account(request: Request) -> Response:
     ident = request.path_params["id"]
     if not bodies.storable(ident):
-        raise NotFound("Account not found")
-    view = await runtime(request).run(connections.account, ident)
+        raise NotFoundError("Account not found")
+    view = await resources(request).run(connections.account, ident)
     record = view.connection
     return JSONResponse(
         {
@@ -130,7 +132,7 @@ async def list_transfers(request: Request) -> Response:
     if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
     limit = int(raw_limit)
-    records = await runtime(request).run(
+    records = await resources(request).run(
         transfers.listing,
         status=_enum_param(request, "status", Status),
         kind=_enum_param(request, "kind", Kind),
@@ -146,12 +148,11 @@ async def list_transfers(request: Request) -> Response:
 @internal
 async def apply_trade(request: Request) -> Response:
     parsed = bodies.trade_request(await bodies.read_json(request))
-    record = await locked(
-        request,
+    record = await resources(request).locked(
         f"trade:{parsed.external_id}",
         trades.apply,
         request=parsed,
-        rules=runtime(request).rules,
+        rules=resources(request).rules,
     )
     return JSONResponse(
         {

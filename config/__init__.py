@@ -1,0 +1,1 @@
+"""What every process of the gateway shares: reading settings and setting up logs."""
