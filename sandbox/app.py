@@ -459,7 +459,8 @@ def _fault_rule(body: dict[str, Any]) -> Fault:
 
 
 async def on_refused(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Refused)
+    if not isinstance(exc, Refused):  # Starlette routes only Refused here
+        raise exc
     return JSONResponse({"error": exc.error}, status_code=exc.status)
 
 

@@ -1,5 +1,4 @@
-"""Celery workers: ``celery -A workers worker`` finds the app here."""
+"""Celery workers: ``celery -A workers worker`` finds the app in ``workers.celery``.
 
-from workers.celery import app
-
-__all__ = ["app"]
+Nothing is imported here, so the web process can import ``workers.publish`` alone.
+"""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -85,36 +85,6 @@ class BitGoClient:
         path = f"{self._partners}/allocations/{quote(allocation_id, safe='')}"
         body = _object(self._call("GET", self._api, path), "the allocation")
         return _unwrap(body, "allocation")
-
-    def allocations(
-        self,
-        *,
-        allocation_ids: Sequence[str] = (),
-        types: Sequence[str] = (),
-        statuses: Sequence[str] = (),
-        currencies: Sequence[str] = (),
-        connection_ids: Sequence[str] = (),
-        page_number: int = 0,
-        page_size: int = 100,
-    ) -> list[dict[str, Any]]:
-        """One page of allocation records matching every filter given."""
-        # httpx repeats a name once per list item and leaves empty lists out.
-        params = httpx.QueryParams(
-            {
-                "allocationIds": list(allocation_ids),
-                "types": list(types),
-                "statuses": list(statuses),
-                "currencies": list(currencies),
-                "connectionIds": list(connection_ids),
-                "pageNumber": page_number,
-                "pageSize": page_size,
-            }
-        )
-        body = self._call("GET", self._api, f"{self._partners}/allocations", params=params)
-        records = _object(body, "the allocation list").get("allocations")
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise BitGoError("BitGo answered without a list of allocations")
-        return records
 
     def balances(self) -> dict[str, dict[str, Any]]:
         """The partner's network balances, keyed by connection id."""

@@ -8,7 +8,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -130,42 +129,6 @@ def test_allocation_404_raises_bitgo_not_found(stub: Stub, bitgo: BitGoClient) -
     assert len(stub.requests()) == 1
 
 
-def test_allocations_repeats_each_filter_value_as_a_query_param(
-    stub: Stub, bitgo: BitGoClient
-) -> None:
-    records = [{"id": "a1"}, {"id": "a2"}]
-    stub.handler = lambda seen: (200, {"allocations": records})
-    found = bitgo.allocations(
-        allocation_ids=["a1", "a2"],
-        types=["allocation"],
-        statuses=["reserved", "cleared"],
-        currencies=["ofctbtc"],
-        connection_ids=["c1"],
-        page_number=2,
-        page_size=50,
-    )
-    assert found == records
-    url = urlsplit(stub.requests()[0].path)
-    assert url.path == f"{PARTNERS}/allocations"
-    assert parse_qs(url.query) == {
-        "allocationIds": ["a1", "a2"],
-        "types": ["allocation"],
-        "statuses": ["reserved", "cleared"],
-        "currencies": ["ofctbtc"],
-        "connectionIds": ["c1"],
-        "pageNumber": ["2"],
-        "pageSize": ["50"],
-    }
-
-
-def test_allocations_omits_empty_filters_and_asks_for_the_first_page(
-    stub: Stub, bitgo: BitGoClient
-) -> None:
-    stub.handler = lambda seen: (200, {"allocations": []})
-    assert bitgo.allocations() == []
-    assert stub.requests()[0].path == f"{PARTNERS}/allocations?pageNumber=0&pageSize=100"
-
-
 def test_balances_returns_network_balances_by_connection(stub: Stub, bitgo: BitGoClient) -> None:
     balances = {
         "c1": {
@@ -235,11 +198,11 @@ def test_5xx_on_every_attempt_raises_bitgo_unavailable(
 
 
 def test_4xx_is_not_retried(stub: Stub, bitgo: BitGoClient, delays: list[float]) -> None:
-    stub.handler = lambda seen: (400, {"error": "pageSize too large"})
+    stub.handler = lambda seen: (400, {"error": "enterprise id malformed"})
     with pytest.raises(BitGoError) as caught:
-        bitgo.allocations(page_size=100_000)
+        bitgo.balances()
     assert type(caught.value) is BitGoError
-    assert (caught.value.status, caught.value.message) == (400, "pageSize too large")
+    assert (caught.value.status, caught.value.message) == (400, "enterprise id malformed")
     assert len(stub.requests()) == 1
     assert delays == []
 
@@ -305,8 +268,6 @@ def test_non_json_2xx_body_raises_bitgo_error(stub: Stub, bitgo: BitGoClient) ->
     ("call", "body"),
     [
         (lambda bitgo: bitgo.allocation("a1"), ["not", "an", "object"]),
-        (lambda bitgo: bitgo.allocations(), {"allocations": {"a1": {}}}),
-        (lambda bitgo: bitgo.allocations(), {"allocations": ["a1"]}),
         (lambda bitgo: bitgo.balances(), {"balances": {}}),
         (lambda bitgo: bitgo.balances(), {"networkBalances": {"c1": "100"}}),
         (lambda bitgo: bitgo.post_settlement({}), "completed"),
