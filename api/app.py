@@ -38,12 +38,15 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(document)
 
     routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(ObservabilityMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # A trailing slash is another path, answered 404, never a redirect BitGo would follow.
+    app.router.redirect_slashes = False
+    return app
 
 
 def from_env() -> Starlette:

@@ -28,7 +28,10 @@ def signed(endpoint: Endpoint) -> Endpoint:
     @wraps(endpoint)
     async def checked(request: Request) -> Response:
         try:
-            await resources(request).verifier.verify(request.headers.get("x-bitgo-signature"))
+            tokens = request.headers.getlist("x-bitgo-signature")
+            if len(tokens) > 1:
+                raise TokenRefusedError("More than one X-BitGo-Signature header")
+            await resources(request).verifier.verify(tokens[0] if tokens else None)
         except TokenRefusedError as exc:
             reason = str(exc)
             if reason == "Token replayed":

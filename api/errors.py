@@ -6,6 +6,7 @@ import structlog
 from redis.exceptions import RedisError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -69,6 +70,13 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status, exc.message)
 
 
+async def on_starlette_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (unknown path 404, wrong method 405) in our error shape."""
+    if not isinstance(exc, StarletteHTTPException):
+        return await on_unexpected(request, exc)
+    return error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
 async def on_domain_error(request: Request, exc: Exception) -> Response:
     for kind, status in _DOMAIN_STATUS:
         if isinstance(exc, kind):
@@ -97,6 +105,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     HTTPError: on_http_error,
+    StarletteHTTPException: on_starlette_error,
     DomainError: on_domain_error,
     InvariantError: on_invariant_broken,
     RedisError: on_unavailable,
