@@ -74,7 +74,7 @@ async def on_starlette_error(request: Request, exc: Exception) -> Response:
     """Starlette's own answers (unknown path 404, wrong method 405) in our error shape."""
     if not isinstance(exc, StarletteHTTPException):
         return await on_unexpected(request, exc)
-    return error(exc.status_code, str(exc.detail), headers=exc.headers)
+    return error(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
 async def on_domain_error(request: Request, exc: Exception) -> Response:
