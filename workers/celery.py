@@ -18,10 +18,12 @@ from celery.schedules import crontab
 
 from config.logs import configure_logging
 from config.settings import SettingsError
+from models.errors import InvariantError
 from workers.publish import QUEUES, celery_config
 from workers.settings import BrokerSettings, schedule, settings
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 TASK_MODULES = ("workers.hooks", "workers.remediation", "workers.settlement")
 
@@ -80,6 +82,13 @@ def _refuse_bad_settings(**_: Any) -> None:
 def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
+
+
+@signals.task_failure.connect
+def _invariant_broken(exception: BaseException | None = None, **_: Any) -> None:
+    """A broken invariant is a bug, not a failure to retry: say so at error level."""
+    if isinstance(exception, InvariantError):
+        log.error("invariant_broken", error=str(exception))
 
 
 @signals.task_postrun.connect

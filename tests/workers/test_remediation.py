@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy import text
 from models import ledger, reconciliation
 from tests.conftest import Link
 from tests.stubs import Seen
-from tests.workers.conftest import Stack
+from tests.workers.conftest import Stack, eventually
 
 ENTERPRISE = "/api/network/v1/enterprises/enterprise-1/partners"
 
@@ -158,3 +159,37 @@ def test_reconcile_reports_drift_and_changes_nothing(
     assert 'oes_task_last_run_timestamp_seconds{task="workers.remediation.reconcile_balances"}' in (
         metrics
     )
+
+
+def test_a_broken_invariant_stops_the_sweep_loudly_and_changes_nothing(
+    stack: Stack, bitgo_view: dict[str, dict[str, Any]]
+) -> None:
+    link = stack.bitgo.link()
+    transfer_id = _reserve(stack, link, "allocation", 100)
+    bitgo_view[transfer_id] = {"id": transfer_id, "type": "allocation", "status": "cleared"}
+    _age(stack, transfer_id)
+    planted = "connection_pk = (SELECT id FROM connections WHERE connection_id = :c)"
+    with stack.sessions.begin() as session:  # pending_in no longer covers the reservation
+        session.execute(
+            text(f"UPDATE accounts SET pending_in = 0 WHERE {planted}"), {"c": link.connection_id}
+        )
+    try:
+        stack.call("workers.remediation.sweep_stale_transfers")
+        eventually(
+            lambda: b'"invariant_broken"' in stack.worker.log.read_bytes(),
+            what="the invariant_broken error line",
+        )
+        line = next(
+            json.loads(raw)
+            for raw in stack.worker.log.read_bytes().splitlines()
+            if b'"invariant_broken"' in raw
+        )
+        assert line["level"] == "error"
+        assert "balances cannot cover it" in line["error"]
+        assert _status(stack, transfer_id) == "reserved"
+    finally:
+        with stack.sessions.begin() as session:
+            session.execute(
+                text(f"UPDATE accounts SET pending_in = 100 WHERE {planted}"),
+                {"c": link.connection_id},
+            )
