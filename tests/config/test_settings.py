@@ -13,9 +13,9 @@ from config.settings import DEFAULTS, Reader, SettingsError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def readme_settings() -> dict[str, str]:
-    """The README's settings table: name -> its default column."""
-    table = (ROOT / "README.md").read_text().split("### Settings", 1)[1].split("\n## ", 1)[0]
+def readme_settings(document: str = "README.md", heading: str = "### Settings") -> dict[str, str]:
+    """The settings table under ``heading`` in ``document``: name -> its default column."""
+    table = (ROOT / document).read_text().split(heading, 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -25,13 +25,20 @@ def readme_settings() -> dict[str, str]:
     return rows
 
 
-def test_the_readme_lists_every_setting_and_no_other() -> None:
-    assert set(readme_settings()) == set(DEFAULTS)
+DOCUMENTS = [("README.md", "### Settings"), ("docs/contract.md", "## 14. Settings")]
 
 
+@pytest.mark.parametrize(("document", "heading"), DOCUMENTS)
+def test_the_docs_list_every_setting_and_no_other(document: str, heading: str) -> None:
+    assert set(readme_settings(document, heading)) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize(("document", "heading"), DOCUMENTS)
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
-def test_the_readme_gives_each_default_as_the_code_has_it(name: str) -> None:
-    documented = readme_settings()[name]
+def test_the_docs_give_each_default_as_the_code_has_it(
+    name: str, document: str, heading: str
+) -> None:
+    documented = readme_settings(document, heading)[name]
     default = DEFAULTS[name]
     if default is None:
         assert not re.match(r"^`[^`]*`", documented), f"{name}: README shows a default"
