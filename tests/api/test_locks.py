@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import fakeredis
 import pytest
@@ -59,12 +60,31 @@ def test_a_lock_that_expired_under_its_holder_is_released_quietly() -> None:
 
 
 def test_different_ids_do_not_wait_for_each_other() -> None:
-    async def scenario() -> None:
+    async def scenario() -> tuple[list[str], float, set[bytes | str]]:
         redis = fakeredis.FakeAsyncRedis()
-        async with (
-            locks.held(redis, "transfer:a", wait=0.05, ttl=5),
-            locks.held(redis, "transfer:b", wait=0.05, ttl=5),
-        ):
-            pass
+        order: list[str] = []
+        a_held = asyncio.Event()
 
-    run(scenario())
+        async def hold_a() -> None:
+            async with locks.held(redis, "transfer:a", wait=2, ttl=5):
+                order.append("a in")
+                a_held.set()
+                await asyncio.sleep(0.3)
+                order.append("a out")
+
+        first = asyncio.create_task(hold_a())
+        await a_held.wait()
+        started = time.perf_counter()
+        async with locks.held(redis, "transfer:b", wait=2, ttl=5):
+            waited = time.perf_counter() - started
+            order.append("b in")
+            held_keys = set(await redis.keys("oes:lock:*"))
+        order.append("b out")
+        await first
+        return order, waited, held_keys
+
+    order, waited, held_keys = asyncio.run(scenario())
+    # b was taken while a was still held, at once rather than after a's 0.3 s.
+    assert order == ["a in", "b in", "b out", "a out"]
+    assert waited < 0.1
+    assert held_keys == {b"oes:lock:transfer:a", b"oes:lock:transfer:b"}

@@ -6,6 +6,8 @@ import dataclasses
 import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from api.app import create_app
@@ -14,10 +16,10 @@ from tests.conftest import BitGo, Link
 
 
 def samples(client: TestClient, name: str) -> list[tuple[dict[str, str], float]]:
-    text = client.get("/metrics").text
+    exposition = client.get("/metrics").text
     return [
         (s.labels, s.value)
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(exposition)
         for s in family.samples
         if s.name == name
     ]
@@ -63,7 +65,7 @@ def test_metrics_count_requests_by_route_template_and_status(
 
 
 def test_metrics_report_transfers_by_state_and_outbox_backlog(
-    bitgo: BitGo, link: Link, client: TestClient
+    bitgo: BitGo, link: Link, client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
     def reserved() -> float:
         return next(
@@ -72,10 +74,22 @@ def test_metrics_report_transfers_by_state_and_outbox_backlog(
             if labels == {"kind": "allocation", "status": "reserved"}
         )
 
-    before = reserved()
-    bitgo.reserve("allocation", link, str(uuid.uuid4()), "3")
+    def backlog() -> float:
+        ((_, value),) = samples(client, "oes_outbox_backlog")
+        return value
+
+    before, backlog_before = reserved(), backlog()
+    transfer_id = str(uuid.uuid4())
+    assert bitgo.reserve("allocation", link, transfer_id, "3").json()["status"] == "reserved"
     assert reserved() == before + 1
-    assert samples(client, "oes_outbox_backlog")[0][1] >= 1
+    # No worker consumes this client's broker, so the events it wrote stay pending.
+    with sessions() as session:
+        written = session.execute(
+            text("SELECT topic, status FROM outbox WHERE payload->>'id' = :id"),
+            {"id": transfer_id},
+        ).all()
+    assert [tuple(row) for row in written] == [("allocation.reserved", "pending")]
+    assert backlog() == backlog_before + len(written)
 
 
 def test_replayed_tokens_are_counted(bitgo: BitGo, client: TestClient) -> None:

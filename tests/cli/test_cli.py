@@ -5,13 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
+from alembic.script import ScriptDirectory
+from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.main import main
+from models.migrate import alembic_config
+from models.tables import metadata
 from tests.conftest import BitGo
 
 
@@ -122,9 +129,59 @@ def test_a_missing_setting_stops_with_one_line_naming_it() -> None:
     assert done.stderr.strip().splitlines() == ["oes-partner: DATABASE_URL is required and not set"]
 
 
-def test_db_upgrade_is_idempotent(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["db", "upgrade"]) == 0
-    assert "head" in capsys.readouterr().out
+@contextmanager
+def empty_database(server_url: str) -> Iterator[str]:
+    """A new database on the server with no schema at all, dropped afterwards."""
+    name = f"oes_test_empty_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    info = psycopg.conninfo.conninfo_to_dict(server_url)
+    params = "&".join(f"{k}={v}" for k, v in info.items() if k != "dbname" and v)
+    try:
+        yield f"postgresql:///{name}?{params}"
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _schema(url: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(alembic_version rows, {table: columns}) of the public schema at ``url``."""
+    with psycopg.connect(url) as connection:
+        columns: dict[str, list[str]] = {}
+        for table, column in connection.execute(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+        ):
+            columns.setdefault(str(table), []).append(str(column))
+        versions = (
+            [str(r[0]) for r in connection.execute("SELECT version_num FROM alembic_version")]
+            if "alembic_version" in columns
+            else []
+        )
+    return versions, columns
+
+
+def test_db_upgrade_is_idempotent(
+    server_database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with empty_database(server_database_url) as url:
+        assert _schema(url) == ([], {})
+        head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+        assert head is not None
+        monkeypatch.setenv("DATABASE_URL", url)
+
+        assert main(["db", "upgrade"]) == 0
+        assert capsys.readouterr().out.strip() == "database at head"
+        first = _schema(url)
+        versions, columns = first
+        assert versions == [head]
+        assert set(columns) == {*metadata.tables, "alembic_version"}
+        for name, table in metadata.tables.items():
+            assert set(columns[name]) == {c.name for c in table.columns}, name
+
+        assert main(["db", "upgrade"]) == 0
+        assert capsys.readouterr().out.strip() == "database at head"
+        assert _schema(url) == first
 
 
 @pytest.mark.parametrize(

@@ -10,24 +10,49 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from cli.main import main
 from tests.conftest import BitGo, free_port, scratch_dir, wait_ready
 
 UNSET = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN")
-Standalone = tuple[str, Path, subprocess.Popen[str]]
-SANDBOX_PORT: list[int] = []
 
 
-@pytest.fixture(scope="module")
-def standalone() -> Iterator[Standalone]:
+@dataclass(frozen=True)
+class Standalone:
+    url: str
+    sandbox_port: int
+    data: Path
+    process: subprocess.Popen[str]
+
+    @contextmanager
+    def bitgo(self) -> Iterator[BitGo]:
+        """BitGo signing with the dev key, the exchange using the generated token."""
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            bitgo = BitGo(http, (self.data / "bitgo-dev-private.pem").read_bytes())
+            internal = (self.data / "internal-token").read_text().strip()
+            bitgo.internal = lambda: {"Authorization": f"Bearer {internal}"}  # type: ignore[method-assign]
+            yield bitgo
+
+    def settings(self) -> dict[str, str]:
+        """The ``env`` file it wrote; it is for a shell, so read it the way a shell would."""
+        return dict(
+            line.split("=", 1)
+            for line in shlex.split((self.data / "env").read_text(), comments=True)
+        )
+
+
+@contextmanager
+def running_standalone() -> Iterator[Standalone]:
+    """``oes-partner standalone`` in its own process, data directory and ports."""
     with scratch_dir("oes-standalone-") as data:
-        port = free_port()
-        SANDBOX_PORT.append(free_port())
+        port, sandbox_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if k not in UNSET}
         process = subprocess.Popen(
             [
@@ -40,7 +65,7 @@ def standalone() -> Iterator[Standalone]:
                 "--port",
                 str(port),
                 "--sandbox-port",
-                str(SANDBOX_PORT[-1]),
+                str(sandbox_port),
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -48,62 +73,74 @@ def standalone() -> Iterator[Standalone]:
             text=True,
         )
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process, timeout=90, output=lambda: process.communicate()[0])
-        yield url, data, process
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        try:
+            wait_ready(url, process, timeout=90, output=lambda: process.communicate()[0])
+            yield Standalone(url, sandbox_port, data, process)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)  # lets it stop its embedded servers
+                try:
+                    process.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.communicate()
 
 
-def test_standalone_creates_a_dev_key_and_token(
-    standalone: Standalone,
-) -> None:
-    _, data, _ = standalone
+@pytest.fixture(scope="module")
+def standalone() -> Iterator[Standalone]:
+    """One instance shared by the tests that leave it running."""
+    with running_standalone() as instance:
+        yield instance
+
+
+def test_standalone_creates_a_dev_key_and_token(standalone: Standalone) -> None:
+    data = standalone.data
     assert (data / "bitgo-dev-private.pem").exists()
     assert (data / "bitgo-dev-public.pem").exists()
     assert len((data / "internal-token").read_text().strip()) >= 16
 
 
 def test_standalone_takes_an_allocation_end_to_end(
-    standalone: Standalone,
+    standalone: Standalone, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url, data, _ = standalone
-    import cli.devkeys  # noqa: F401 - the module the README's dev-jwt uses
+    with standalone.bitgo() as bitgo:
+        link = bitgo.link()
+        transfer_id = str(uuid.uuid4())
+        assert bitgo.reserve("allocation", link, transfer_id, "250").json()["status"] == "reserved"
+        assert bitgo.put("allocation", transfer_id, "clear").json()["status"] == "cleared"
+        assert bitgo.balances(link) == (250, 0, 0)
 
-    bitgo = BitGo(
-        httpx.Client(base_url=url, timeout=10), (data / "bitgo-dev-private.pem").read_bytes()
-    )
-    internal = (data / "internal-token").read_text().strip()
-    bitgo.internal = lambda: {"Authorization": f"Bearer {internal}"}  # type: ignore[method-assign]
-    link = bitgo.link()
-    transfer_id = str(uuid.uuid4())
-    assert bitgo.reserve("allocation", link, transfer_id, "250").json()["status"] == "reserved"
-    assert bitgo.put("allocation", transfer_id, "clear").json()["status"] == "cleared"
-    assert bitgo.balances(link) == (250, 0, 0)
+        # README: `oes-partner dev-jwt --key .oes-data/bitgo-dev-private.pem` signs what the
+        # standalone gateway trusts, and each of its tokens is good for exactly one request.
+        key = str(standalone.data / "bitgo-dev-private.pem")
+        assert main(["dev-jwt", "--key", key]) == 0
+        token = capsys.readouterr().out.strip()
+        status = f"/bitgo/v1/allocation/{transfer_id}"
+        answer = bitgo.http.get(status, headers={"X-BitGo-Signature": token})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "cleared"
+        assert bitgo.http.get(status, headers={"X-BitGo-Signature": token}).status_code == 401
 
 
 def test_standalone_runs_a_worker_that_records_events(standalone: Standalone) -> None:
     """With no webhook configured the worker marks every event delivered locally."""
-    _, data, _ = standalone
-    # The file is for a shell (values are shell-quoted); read it the way a shell would.
-    settings = dict(
-        line.split("=", 1) for line in shlex.split((data / "env").read_text(), comments=True)
-    )
+    settings = standalone.settings()
     assert settings["DATABASE_URL"].startswith("postgresql://")
+    with standalone.bitgo() as bitgo:
+        link = bitgo.link()  # writes a connection.linked event
 
-    def undelivered() -> int:
+    def statuses() -> list[tuple[str, str]]:
         with psycopg.connect(settings["DATABASE_URL"]) as connection:
-            row = connection.execute(
-                "SELECT count(*) FILTER (WHERE status = 'pending'),"
-                " count(*) FILTER (WHERE status = 'delivered_locally') FROM outbox"
-            ).fetchone()
-        assert row is not None
-        pending, recorded = row
-        return -1 if recorded == 0 else int(pending)
+            rows = connection.execute(
+                "SELECT topic, status FROM outbox WHERE payload->>'partnersConnectionId' = %s",
+                (link.partners_connection_id,),
+            ).fetchall()
+        return [(str(topic), str(status)) for topic, status in rows]
 
+    assert [topic for topic, _ in statuses()] == ["connection.linked"]
     deadline = time.monotonic() + 30
-    while undelivered() != 0:
-        assert time.monotonic() < deadline, "the standalone worker left events pending"
+    while statuses() != [("connection.linked", "delivered_locally")]:
+        assert time.monotonic() < deadline, f"the standalone worker left {statuses()}"
         time.sleep(0.2)
 
 
@@ -111,8 +148,14 @@ def test_three_commands_take_a_first_allocation_through_the_sandbox(
     standalone: Standalone,
 ) -> None:
     """README: standalone, then ``sandbox connect`` and ``sandbox allocate``."""
-    url, data, _ = standalone
-    common = ["--port", str(SANDBOX_PORT[-1]), "--gateway", url, "--data-dir", str(data)]
+    common = [
+        "--port",
+        str(standalone.sandbox_port),
+        "--gateway",
+        standalone.url,
+        "--data-dir",
+        str(standalone.data),
+    ]
 
     def cli(*command: str) -> str:
         done = subprocess.run(
@@ -131,13 +174,12 @@ def test_three_commands_take_a_first_allocation_through_the_sandbox(
     assert '"btc"' in cli("balances")
 
 
-def test_standalone_stops_cleanly_on_interrupt(
-    standalone: Standalone,
-) -> None:
-    _, data, process = standalone
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
-    assert "API listening on" in output
-    assert "development BitGo key pair" in output
-    assert not (data / "postgres" / "postmaster.pid").exists()
+def test_standalone_stops_cleanly_on_interrupt() -> None:
+    """Its own instance, so stopping it leaves the shared one to the other tests."""
+    with running_standalone() as instance:
+        instance.process.send_signal(signal.SIGINT)
+        output, _ = instance.process.communicate(timeout=30)
+        assert instance.process.returncode == 0, output
+        assert "API listening on" in output
+        assert "development BitGo key pair" in output
+        assert not (instance.data / "postgres" / "postmaster.pid").exists()

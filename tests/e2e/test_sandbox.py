@@ -10,12 +10,17 @@ from tests.e2e.conftest import System
 from tests.workers.conftest import eventually
 
 
-def _balance(system: System, partners_connection_id: str, currency: str = "btc") -> int:
+def _balance(
+    system: System, partners_connection_id: str, currency: str = "btc"
+) -> tuple[int, int, int]:
+    """(available, pendingIn, held) of the account at the gateway."""
     answer = system.gateway.get(
         f"/internal/v1/accounts/{partners_connection_id}",
         headers={"Authorization": f"Bearer {INTERNAL_TOKEN}"},
     )
-    return int(answer.json()["balances"].get(currency, {"available": "0"})["available"])
+    assert answer.status_code == 200, answer.text
+    b = answer.json()["balances"].get(currency, {"available": "0", "pendingIn": "0", "held": "0"})
+    return int(b["available"]), int(b["pendingIn"]), int(b["held"])
 
 
 def _bitgo_balance(system: System, connection_id: str, currency: str = "btc") -> tuple[int, int]:
@@ -49,7 +54,7 @@ def test_a_full_cycle_allocate_trade_deallocate_settle(system: System) -> None:
         "reason",
     }
     assert record["partnerExternalId"]  # the gateway's partnersAllocationId
-    assert _balance(system, pcid) == 1000
+    assert _balance(system, pcid) == (1000, 0, 0)
     assert _bitgo_balance(system, cid) == (1000, 0)
 
     trade = system.gateway.post(
@@ -68,11 +73,12 @@ def test_a_full_cycle_allocate_trade_deallocate_settle(system: System) -> None:
     assert too_much.json()["allocation"]["status"] == "released"
     assert too_much.json()["allocation"]["reason"] == "Insufficient funds"
     assert too_much.json()["error"] == "Insufficient funds"
+    assert _balance(system, pcid) == (700, 0, 0)
 
     within = client.transfer("deallocation", cid, 200)
     assert within.status_code == 200, within.text
     assert within.json()["allocation"]["status"] == "cleared"
-    assert _balance(system, pcid) == 500
+    assert _balance(system, pcid) == (500, 0, 0)
 
     summary = system.run("workers.settlement.run_settlement")
     assert summary["outcome"] == "completed", summary
@@ -89,7 +95,8 @@ def test_a_full_cycle_allocate_trade_deallocate_settle(system: System) -> None:
 
 def test_an_answer_lost_in_a_timeout_is_retried_by_the_client_and_clears(system: System) -> None:
     client = system.client()
-    cid = client.connect(f"bob-{uuid.uuid4().hex[:6]}")["id"]
+    connection = client.connect(f"bob-{uuid.uuid4().hex[:6]}")
+    cid, pcid = connection["id"], connection["partnersConnectionId"]
     external, nonce = str(uuid.uuid4()), uuid.uuid4().hex
 
     first = client.transfer(
@@ -100,6 +107,7 @@ def test_an_answer_lost_in_a_timeout_is_retried_by_the_client_and_clears(system:
     assert first.json()["allocation"]["retriable"] is True
     transfer_id = first.json()["allocation"]["id"]
     assert system.gateway_status(transfer_id) == "reserved"  # the gateway did act
+    assert _balance(system, pcid) == (0, 70, 0)  # pending, not yet available
 
     again = client.transfer("allocation", cid, 70, external_id=external, nonce=nonce)
     assert again.status_code == 200, again.text
@@ -107,6 +115,7 @@ def test_an_answer_lost_in_a_timeout_is_retried_by_the_client_and_clears(system:
     assert again.json()["allocation"]["reason"] is None
     assert again.json()["allocation"]["retriable"] is False
     assert system.gateway_status(transfer_id) == "cleared"
+    assert _balance(system, pcid) == (70, 0, 0)
     system.assert_agree()
 
 
@@ -119,7 +128,7 @@ def test_duplicated_and_delayed_calls_move_money_once(system: System) -> None:
     assert client.transfer("deallocation", cid, 150, fault="delay:1").status_code == 200
     assert time.monotonic() - started >= 1
     assert client.transfer("deallocation", cid, 50, fault="duplicate").status_code == 200
-    assert _balance(system, pcid) == 200
+    assert _balance(system, pcid) == (200, 0, 0)
     assert _bitgo_balance(system, cid) == (200, 0)
     system.assert_agree()
 
@@ -132,13 +141,13 @@ def test_a_clear_never_sent_is_converged_by_the_stale_sweep(system: System) -> N
     assert answer.status_code == 200
     transfer_id = answer.json()["allocation"]["id"]
     assert system.gateway_status(transfer_id) == "reserved"
-    assert _balance(system, pcid) == 0
+    assert _balance(system, pcid) == (0, 90, 0)
 
     system.age(transfer_id)
     summary = system.run("workers.remediation.sweep_stale_transfers")
     assert summary["cleared"] == 1, summary
     assert system.gateway_status(transfer_id) == "cleared"
-    assert _balance(system, pcid) == 90
+    assert _balance(system, pcid) == (90, 0, 0)
     system.assert_agree()
 
 
@@ -150,7 +159,7 @@ def test_a_release_instead_of_a_clear_leaves_nothing_moved(system: System) -> No
     assert answer.status_code == 422
     assert answer.json()["allocation"]["status"] == "released"
     assert system.gateway_status(answer.json()["allocation"]["id"]) == "released"
-    assert _balance(system, pcid) == 0
+    assert _balance(system, pcid) == (0, 0, 0)
     assert _bitgo_balance(system, cid) == (0, 0)
     system.assert_agree()
 
@@ -201,6 +210,7 @@ def test_a_failed_settlement_is_reposted_until_completed(system: System) -> None
     settled = eventually(completed, timeout=30, what="the re-posted settlement to complete")
     assert settled["settlementAmounts"] == {cid: {"eth": "25"}}
     assert _bitgo_balance(system, cid, "eth") == (525, 0)
+    assert _balance(system, pcid, "eth") == (525, 0, 0)
     system.assert_agree()
 
 
@@ -209,14 +219,15 @@ def test_a_deallocation_whose_answer_is_lost_is_retried_and_clears_once(system: 
     connection = client.connect(f"hal-{uuid.uuid4().hex[:6]}")
     cid, pcid = connection["id"], connection["partnersConnectionId"]
     assert client.transfer("allocation", cid, 100).status_code == 200
+    assert _balance(system, pcid) == (100, 0, 0)
     external, nonce = str(uuid.uuid4()), uuid.uuid4().hex
     lost = client.transfer(
         "deallocation", cid, 40, external_id=external, nonce=nonce, fault="timeout"
     )
     assert lost.status_code == 500
-    assert _balance(system, pcid) == 60  # held at the gateway
+    assert _balance(system, pcid) == (60, 0, 40)  # held at the gateway, not yet gone
     again = client.transfer("deallocation", cid, 40, external_id=external, nonce=nonce)
     assert again.status_code == 200
-    assert _balance(system, pcid) == 60
+    assert _balance(system, pcid) == (60, 0, 0)
     assert _bitgo_balance(system, cid) == (60, 0)
     system.assert_agree()
