@@ -168,15 +168,21 @@ def _where_ident(ident: str) -> Any:
 
 
 def set_active(session: Session, ident: str, *, active: bool) -> ConnectionRecord:
-    """Activate or deactivate a connection; deactivated ones refuse new allocations."""
+    """Activate or deactivate a connection; deactivated ones refuse new allocations.
+
+    Only a change is announced: setting the state it already has writes nothing.
+    """
     row = session.execute(
         update(connections)
-        .where(_where_ident(ident))
+        .where(_where_ident(ident), connections.c.active.is_not(active))
         .values(active=active, updated_at=func.now())
         .returning(*connections.c)
     ).first()
     if row is None:
-        raise NotFoundError("Connection not found")
+        unchanged = session.execute(select(connections).where(_where_ident(ident))).first()
+        if unchanged is None:
+            raise NotFoundError("Connection not found")
+        return _record(unchanged)
     changed = _record(row)
     outbox.emit(
         session, _event("connection.activated" if active else "connection.deactivated", changed)

@@ -127,7 +127,8 @@ _OPEN = text("SELECT * FROM settlements WHERE status IN ('preparing', 'pending')
 _GET = text("SELECT * FROM settlements WHERE id = :id")
 _TRANSITION = text(
     """
-    UPDATE settlements SET status = :to, reason = coalesce(:reason, reason),
+    UPDATE settlements SET status = :to,
+           reason = CASE WHEN :to = 'pending' THEN coalesce(:reason, reason) ELSE :reason END,
            bitgo_id = coalesce(:bitgo_id, bitgo_id),
            bitgo_status = coalesce(:bitgo_status, bitgo_status),
            attempts = attempts + 1, updated_at = now(),
