@@ -172,8 +172,6 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox_redrive(args: argparse.Namespace) -> int:
-    import uuid
-
     from models import outbox
 
     if not args.all and not args.ids:

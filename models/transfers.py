@@ -212,8 +212,8 @@ def _post(session: Session, moved: TransferRecord) -> bool:
     return posted
 
 
-def _reject(session: Session, stored: TransferRecord, reason: str) -> TransferRecord:
-    """Store a rejection of a record we hold the row lock on, and announce it."""
+def _rejected(session: Session, stored: TransferRecord, reason: str) -> TransferRecord | None:
+    """Reject ``stored`` from the state we read and announce it; None if a racer moved it."""
     rejected = _set_status(
         session,
         stored.kind,
@@ -222,9 +222,8 @@ def _reject(session: Session, stored: TransferRecord, reason: str) -> TransferRe
         from_states=(stored.status,),
         reason=reason,
     )
-    if rejected is None:  # we hold the row since our insert or update: cannot happen
-        raise InvariantError(f"transfer {stored.transfer_id} changed under its row lock")
-    outbox.emit(session, rejected.event())
+    if rejected is not None:
+        outbox.emit(session, rejected.event())
     return rejected
 
 
@@ -234,7 +233,10 @@ def _hold_or_reject(session: Session, reserved: TransferRecord) -> TransferRecor
         return reserved
     # A deallocation fails for want of funds; an allocation only at the 78-digit limit.
     reason = INSUFFICIENT_FUNDS if reserved.kind is Kind.DEALLOCATION else ACCOUNT_LIMIT_EXCEEDED
-    return _reject(session, reserved, reason)
+    rejected = _rejected(session, reserved, reason)
+    if rejected is None:  # we hold the row since our insert or update: cannot happen
+        raise InvariantError(f"transfer {reserved.transfer_id} changed under its row lock")
+    return rejected
 
 
 def _create(
@@ -272,17 +274,7 @@ def _reserve_again(
 ) -> TransferRecord | None:
     reason = _rule_failure(request, link, rules)
     if reason:
-        rejected = _set_status(
-            session,
-            stored.kind,
-            stored.transfer_id,
-            Status.REJECTED,
-            from_states=(stored.status,),
-            reason=reason,
-        )
-        if rejected is not None:
-            outbox.emit(session, rejected.event())
-        return rejected
+        return _rejected(session, stored, reason)
     reserved = _set_status(
         session, stored.kind, stored.transfer_id, Status.RESERVED, from_states=(stored.status,)
     )
