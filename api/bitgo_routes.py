@@ -122,4 +122,7 @@ def routes() -> list[Route]:
                 )
             )
         table.append(Route(f"/bitgo/v1/{kind.value}/{{id}}", _status(kind), methods=["GET"]))
+    for route in table:
+        # Starlette answers HEAD for every GET; a HEAD would spend a token for nothing.
+        (route.methods or set()).discard("HEAD")
     return table

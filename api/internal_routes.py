@@ -32,7 +32,7 @@ def internal(endpoint: Endpoint) -> Endpoint:
     @wraps(endpoint)
     async def checked(request: Request) -> Response:
         expected = resources(request).settings.internal_token.value
-        given = request.headers.get("authorization", "")
+        given = ",".join(request.headers.getlist("authorization"))  # two headers never match
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), expected.encode()
@@ -58,7 +58,8 @@ async def issue_connection_token(request: Request) -> Response:
             "connectionToken": issued.token,
             "partnersClientId": issued.partners_client_id,
             "expiresAt": iso(issued.expires_at),
-        }
+        },
+        headers={"Cache-Control": "no-store"},  # a secret: no cache may keep it
     )
 
 

@@ -8,6 +8,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -41,7 +44,14 @@ class Resources:
     def start(cls, settings: Settings) -> Resources:
         engine = async_engine(settings.database_url)
         redis = Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=30,
+            # A pooled connection that died with a Redis restart fails once; the command is
+            # sent again on a fresh one before anyone is answered 503.
+            retry=Retry(NoBackoff(), retries=1),
+            retry_on_error=[RedisConnectionError],
         )
         return cls(
             settings=settings,

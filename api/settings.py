@@ -28,6 +28,10 @@ class Settings:
     released_repost: Literal["reserve", "conflict"]
     connection_token_ttl: int
     stale_after: int
+    http_max_header_bytes: int
+    http_header_timeout: float
+    http_body_timeout: float
+    http_max_connections: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,4 +74,12 @@ class Settings:
             released_repost="conflict" if repost == "conflict" else "reserve",
             connection_token_ttl=reader.integer("OES_CONNECTION_TOKEN_TTL", minimum=1),
             stale_after=reader.integer("OES_STALE_AFTER", minimum=1),
+            http_max_header_bytes=reader.integer(
+                "OES_HTTP_MAX_HEADER_BYTES", minimum=1024, unit="bytes"
+            ),
+            http_header_timeout=reader.number("OES_HTTP_HEADER_TIMEOUT"),
+            http_body_timeout=reader.number("OES_HTTP_BODY_TIMEOUT"),
+            http_max_connections=reader.integer(
+                "OES_HTTP_MAX_CONNECTIONS", minimum=1, unit="connections"
+            ),
         )

@@ -86,8 +86,15 @@ def _jwks_keys(raw: str) -> list[PublicKey]:
     return keys
 
 
+# Seconds since 1970 either way of which a token's times must lie (about year 5138).
+_TIME_RANGE = 10**11
+
+
 def _is_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A number usable as a Unix time: a huge integer would overflow float arithmetic."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return -_TIME_RANGE < value < _TIME_RANGE and (isinstance(value, int) or math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class Verifier:
         now = time.time() if now is None else now
         self._check_times(claims, now)
         jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > _MAX_JTI:
+        if not isinstance(jti, str) or not jti.strip() or len(jti) > _MAX_JTI:
             raise TokenRefusedError("Token jti is required")
         return claims
 

@@ -46,20 +46,11 @@ def _in_session(action: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from api import server
     from api.settings import Settings
 
-    Settings.from_env()  # refuse to start on a bad setting, with one clear line
-    uvicorn.run(
-        "api.app:from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=False,
-        log_config=None,
-    )
+    settings = Settings.from_env()  # refuse to start on a bad setting, with one clear line
+    server.run(settings, "api.app:from_env", host=args.host, port=args.port, workers=args.workers)
     return 0
 
 

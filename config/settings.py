@@ -44,6 +44,10 @@ DEFAULTS: dict[str, str | None] = {
     "OES_RELEASED_REPOST": "reserve",
     "OES_CONNECTION_TOKEN_TTL": "86400",
     "OES_STALE_AFTER": "600",
+    "OES_HTTP_MAX_HEADER_BYTES": "16384",
+    "OES_HTTP_HEADER_TIMEOUT": "10",
+    "OES_HTTP_BODY_TIMEOUT": "10",
+    "OES_HTTP_MAX_CONNECTIONS": "1000",
     "PLATFORM_WEBHOOK_URL": None,
     "PLATFORM_WEBHOOK_SECRET": None,
     "OES_HOOK_MAX_ATTEMPTS": "15",
@@ -123,11 +127,11 @@ class Reader:
         value = self.text(name)
         return Secret(value) if value else None
 
-    def integer(self, name: str, *, minimum: int) -> int:
+    def integer(self, name: str, *, minimum: int, unit: str = "seconds") -> int:
         raw = self.text(name)
         if not re.fullmatch(r"[0-9]{1,9}", raw) or int(raw) < minimum:
             raise SettingsError(
-                f"{name} must be a whole number of seconds >= {minimum}, not {raw!r}"
+                f"{name} must be a whole number of {unit} >= {minimum}, not {raw!r}"
             )
         return int(raw)
 

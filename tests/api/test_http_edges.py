@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
 
+import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from cli.devkeys import sign
-from tests.conftest import BitGo, Keys, Link, row_count
+from tests.conftest import (
+    INTERNAL_TOKEN,
+    BitGo,
+    Keys,
+    Link,
+    LiveServer,
+    free_port,
+    row_count,
+    wait_ready,
+)
 
 
 @pytest.mark.parametrize("path", ["/nope", "/bitgo/v1", "/bitgo/v1/allocation/x/clear/more"])
@@ -47,3 +63,169 @@ def test_two_signature_headers_are_refused_and_change_nothing(
     assert answer.status_code == 401
     assert answer.json() == {"error": "More than one X-BitGo-Signature header"}
     assert row_count(sessions, "transfers", "id = :id", id=transfer_id) == 0
+
+
+# --- the server's own limits, on a real `oes-partner serve` -------------------------------
+
+EDGE_ENV = {
+    "OES_HTTP_MAX_HEADER_BYTES": "8192",
+    "OES_HTTP_HEADER_TIMEOUT": "1",
+    "OES_HTTP_BODY_TIMEOUT": "1",
+    "OES_HTTP_MAX_CONNECTIONS": "20",
+}
+
+
+@pytest.fixture(scope="module")
+def edge(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("edge") / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env, **EDGE_ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, process, timeout=30, output=log.read_text)
+    yield LiveServer(url, process)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def connect(server: LiveServer) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_headers_past_the_cap_are_refused_with_431(edge: LiveServer) -> None:
+    with connect(edge) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert answer.endswith(b'{"error": "Request headers too large"}')
+
+
+def test_a_huge_header_is_cut_off_without_being_buffered(edge: LiveServer) -> None:
+    sent = 0
+    with connect(edge) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            while sent < 64 * 1024 * 1024:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:  # the server closed on us
+            pass
+        try:
+            answer = read_all(sock)
+        except OSError:
+            answer = b""
+    assert sent < 4 * 1024 * 1024, f"{sent} bytes of one header were taken"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_client_that_sends_nothing_is_dropped_after_the_header_timeout(
+    edge: LiveServer,
+) -> None:
+    started = time.monotonic()
+    with connect(edge) as sock:
+        answer = read_all(sock)
+    assert time.monotonic() - started < 3
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_client_that_trickles_its_headers_is_dropped(edge: LiveServer) -> None:
+    started = time.monotonic()
+    with connect(edge) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.5)
+        sock.sendall(b"Host: x\r\n")
+        answer = read_all(sock)
+    assert time.monotonic() - started < 3
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_body_that_never_arrives_ends_the_request_in_time(edge: LiveServer) -> None:
+    started = time.monotonic()
+    with connect(edge) as sock:
+        sock.sendall(
+            b"POST /internal/v1/trades HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Authorization: Bearer " + INTERNAL_TOKEN.encode() + b"\r\n\r\n{"
+        )
+        read_all(sock)
+    assert time.monotonic() - started < 3
+    assert httpx.get(f"{edge.url}/healthz").status_code == 200
+
+
+def test_connections_past_the_limit_are_answered_503(edge: LiveServer) -> None:
+    held = [connect(edge) for _ in range(int(EDGE_ENV["OES_HTTP_MAX_CONNECTIONS"]))]
+    try:
+        time.sleep(0.2)
+        answer = httpx.get(f"{edge.url}/healthz")
+        assert answer.status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert httpx.get(f"{edge.url}/healthz").status_code == 200
+
+
+def test_head_on_a_signed_route_is_refused_without_spending_the_token(
+    bitgo: BitGo, link: Link
+) -> None:
+    transfer_id = str(uuid.uuid4())
+    assert bitgo.reserve("allocation", link, transfer_id, "5").status_code == 200
+    token = bitgo.headers()
+    head = bitgo.http.head(f"/bitgo/v1/allocation/{transfer_id}", headers=token)
+    assert head.status_code == 405
+    assert bitgo.http.get(f"/bitgo/v1/allocation/{transfer_id}", headers=token).status_code == 200
+
+
+def test_the_connection_token_is_never_cached(bitgo: BitGo) -> None:
+    answer = bitgo.http.post(
+        "/internal/v1/connection-tokens",
+        json={"partnersClientId": "cache-test"},
+        headers=bitgo.internal(),
+    )
+    assert answer.status_code == 200
+    assert answer.headers["cache-control"] == "no-store"
+
+
+def test_two_authorization_headers_on_an_internal_route_are_refused(bitgo: BitGo) -> None:
+    good = f"Bearer {INTERNAL_TOKEN}"
+    answer = bitgo.http.get(
+        "/internal/v1/transfers", headers=[("Authorization", good), ("Authorization", good)]
+    )
+    assert answer.status_code == 401
+    assert answer.json() == {"error": "Missing or wrong internal token"}
+
+
+def test_a_client_gone_mid_body_is_not_a_server_error(
+    edge: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def requests_with(status: str) -> float:
+        text = httpx.get(f"{edge.url}/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("oes_http_requests_total{")
+            and 'route="/internal/v1/trades"' in line
+            and f'status="{status}"' in line
+        )
+
+    before = requests_with("500"), requests_with("499")
+    with connect(edge) as sock:
+        sock.sendall(
+            b"POST /internal/v1/trades HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Authorization: Bearer " + INTERNAL_TOKEN.encode() + b'\r\n\r\n{"exter'
+        )
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert (requests_with("500"), requests_with("499")) == (before[0], before[1] + 1)
