@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from models import outbox
 from models.moments import iso
@@ -76,7 +77,18 @@ def post(url: str, secret: str, timeout: float, event: OutboxEvent) -> Attempt:
     return Attempt(ok=False, retriable=retriable, error=error)
 
 
-@app.task(name="workers.hooks.deliver")
+# PostgreSQL restarting or unreachable: the task itself comes back with a growing delay,
+# rather than leaving the event to the relay sweep.
+DATABASE_DOWN = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 10,
+}
+
+
+@app.task(name="workers.hooks.deliver", **DATABASE_DOWN)
 def deliver(event_id: str) -> str:
     """Deliver one outbox event; quiet when it is already delivered or in other hands."""
     s = settings()
@@ -116,7 +128,7 @@ def deliver(event_id: str) -> str:
     return failure.status.value
 
 
-@app.task(name="workers.hooks.deliver_many")
+@app.task(name="workers.hooks.deliver_many", **DATABASE_DOWN)
 def deliver_many(event_ids: list[str]) -> str:
     """Deliver a batch: recorded at once when no webhook is set, else one task per event."""
     if settings().hook_url is None:
@@ -128,7 +140,7 @@ def deliver_many(event_ids: list[str]) -> str:
     return f"{len(event_ids)} queued"
 
 
-@app.task(name="workers.hooks.redrive_dead", bind=True)
+@app.task(name="workers.hooks.redrive_dead", bind=True, **DATABASE_DOWN)
 def redrive_dead(self: Any, event_ids: list[str] | None = None) -> dict[str, Any]:
     """Send dead letters (all, or the given ids) back for delivery."""
     ids = [uuid.UUID(i) for i in event_ids] if event_ids else None
