@@ -3,8 +3,8 @@
 uvicorn's httptools protocol buffers headers without limit and waits for a slow
 client for ever; ``BoundedHttpToolsProtocol`` refuses headers past a size (431) and
 drops a connection whose headers or body do not arrive in time (408 while no
-request is being served). Concurrency is bounded by uvicorn's ``limit_concurrency``
-(503 past it).
+request is being served), and answers past ``OES_HTTP_MAX_CONNECTIONS`` with a JSON
+503 and ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 import uvicorn
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.settings import Settings
@@ -24,6 +26,15 @@ log = structlog.get_logger(__name__)
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _BODY_ALLOWANCE = 16 * 1024  # the largest body a route takes (api.bodies.MAX_BODY)
+
+
+async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer past OES_HTTP_MAX_CONNECTIONS."""
+    await JSONResponse(
+        {"error": "Too many requests in progress, retry later"},
+        status_code=503,
+        headers={"Retry-After": "1", "Connection": "close"},
+    )(scope, receive, send)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -35,6 +46,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # uvicorn's own check answers in plain text; ours answers in the contract's shape.
+        self._limit, self.limit_concurrency = self.limit_concurrency, None
         self._raw_header_bytes = 0  # bytes received while headers are awaited
         self._header_bytes = 0  # bytes of the request line and headers, as parsed
         self._in_headers = True
@@ -74,7 +87,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._arm(self.body_timeout, "body")
-        super().on_headers_complete()
+        if self._limit is None or (
+            len(self.connections) < self._limit and len(self.tasks) < self._limit
+        ):
+            super().on_headers_complete()
+            return
+        log.warning("http_concurrency_limit", limit=self._limit)
+        app, self.app = self.app, _busy  # this one request only
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def on_message_complete(self) -> None:
         self._disarm()

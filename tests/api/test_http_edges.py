@@ -170,6 +170,8 @@ def test_connections_past_the_limit_are_answered_503(edge: LiveServer) -> None:
         time.sleep(0.2)
         answer = httpx.get(f"{edge.url}/healthz")
         assert answer.status_code == 503
+        assert answer.json() == {"error": "Too many requests in progress, retry later"}
+        assert answer.headers["retry-after"] == "1"
     finally:
         for sock in held:
             sock.close()
