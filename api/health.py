@@ -16,6 +16,7 @@ from api.observability import (
     DEAD_LETTERS,
     OPEN_SETTLEMENTS,
     OUTBOX_BACKLOG,
+    READY,
     SETTLEMENT_CONFLICTS,
     STALE_RESERVATIONS,
     TASK_LAST_RUN,
@@ -31,7 +32,8 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def readyz(request: Request) -> Response:
+async def _checks(request: Request) -> dict[str, str]:
+    """Whether PostgreSQL and Redis answer, each "ok" or why not; kept in ``oes_ready`` too."""
     rt = resources(request)
     checks: dict[str, str] = {}
     try:
@@ -45,6 +47,13 @@ async def readyz(request: Request) -> Response:
         checks["redis"] = "ok"
     except Exception as exc:  # any failure means not ready, whatever its type
         checks["redis"] = f"unavailable: {type(exc).__name__}"
+    for dependency, outcome in checks.items():
+        READY.labels(dependency).set(1 if outcome == "ok" else 0)
+    return checks
+
+
+async def readyz(request: Request) -> Response:
+    checks = await _checks(request)
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},
@@ -73,8 +82,10 @@ _GAUGES = text(
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text; the state gauges are read from the database at scrape time."""
+    """Prometheus text; readiness and the state gauges are read at scrape time."""
     rt = resources(request)
+    if (await _checks(request))["database"] != "ok":
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
     try:
         async with rt.engine.connect() as conn:
             rows: list[Any] = list(

@@ -26,6 +26,9 @@ LOCK_WAIT_SECONDS = Histogram(
 LOCK_TIMEOUTS = Counter("oes_lock_timeouts_total", "Requests refused because a lock stayed busy")
 REPLAYS_REFUSED = Counter("oes_jwt_replays_refused_total", "Tokens refused because jti was seen")
 TOKENS_REFUSED = Counter("oes_jwt_refused_total", "Tokens refused for any reason", ["reason"])
+READY = Gauge(
+    "oes_ready", "1 when the dependency answered at the last scrape or /readyz", ["dependency"]
+)
 INVARIANT_VIOLATIONS = Counter(
     "oes_invariant_violations_total", "Requests stopped because stored state broke an invariant"
 )

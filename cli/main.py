@@ -185,10 +185,33 @@ def cmd_settlements_list(args: argparse.Namespace) -> int:
     for r in rows:
         reason = f"  ({r.reason})" if r.reason else ""
         print(
-            f"{r.created_at.isoformat(timespec='seconds')}  {r.external_id}  "
+            f"{r.created_at.isoformat(timespec='seconds')}  {r.id}  {r.external_id}  "
             f"{r.status.value:9}  attempts {r.attempts}  {json.dumps(r.amounts)}{reason}"
         )
     print(f"{len(rows)} settlement(s)")
+    return 0
+
+
+def cmd_settlements_resolve(args: argparse.Namespace) -> int:
+    from models import settlements
+    from models.errors import DomainError
+
+    try:
+        ident = uuid.UUID(args.id)
+    except ValueError:
+        print("oes-partner: a settlement id is a UUID (see settlements list)", file=sys.stderr)
+        return 2
+    resolution = (
+        settlements.Resolution.MARK_COMPLETED
+        if args.mark_completed
+        else settlements.Resolution.RELEASE_TRADES
+    )
+    try:
+        resolved = _in_session(settlements.resolve, ident, resolution, note=args.note)
+    except DomainError as exc:
+        print(f"oes-partner: {exc}", file=sys.stderr)
+        return 1
+    print(f"settlement {resolved.external_id} is {resolved.status.value} ({resolution.value})")
     return 0
 
 
@@ -268,6 +291,22 @@ def parser() -> argparse.ArgumentParser:
     slist = ssub.add_parser("list", help="list settlements, newest first")
     slist.add_argument("--limit", type=int, default=50)
     slist.set_defaults(func=cmd_settlements_list)
+    resolve = ssub.add_parser(
+        "resolve",
+        help="end a settlement stopped by a 409 from BitGo, after checking with BitGo",
+    )
+    resolve.add_argument("id", help="the settlement's id (settlements list)")
+    choice = resolve.add_mutually_exclusive_group(required=True)
+    choice.add_argument(
+        "--mark-completed", action="store_true", help="BitGo settled it: its trades are settled"
+    )
+    choice.add_argument(
+        "--release-trades",
+        action="store_true",
+        help="BitGo did not: its trades go into the next settlement",
+    )
+    resolve.add_argument("--note", default="", help="what BitGo said, kept with the settlement")
+    resolve.set_defaults(func=cmd_settlements_resolve)
 
     try:
         from sandbox.cli import add_parser as add_sandbox

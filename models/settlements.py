@@ -21,7 +21,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from models import outbox
-from models.errors import NotFoundError
+from models.errors import ConflictError, NotFoundError
 from models.rows import as_record
 
 # pg_advisory_xact_lock key: one settlement starts at a time.
@@ -223,6 +223,13 @@ def _settle_trades(session: Session, record: SettlementRecord) -> None:
     outbox.emit(session, record.event())
 
 
+def _release_trades(session: Session, record: SettlementRecord) -> None:
+    """Nothing moved at BitGo: the trades go back to be netted into the next settlement."""
+    session.execute(
+        text("UPDATE trades SET settlement_id = NULL WHERE settlement_id = :id"), {"id": record.id}
+    )
+
+
 def finish(
     session: Session,
     settlement_id: uuid.UUID,
@@ -249,15 +256,63 @@ def finish(
     if status is SettlementStatus.COMPLETED:
         _settle_trades(session, record)
     elif status is SettlementStatus.REJECTED:
-        # Rejected: nothing moved at BitGo, so the trades go back to be netted again.
-        session.execute(
-            text("UPDATE trades SET settlement_id = NULL WHERE settlement_id = :id"),
-            {"id": settlement_id},
-        )
+        _release_trades(session, record)
         outbox.emit(session, record.event())
     elif status is SettlementStatus.CONFLICT:
         outbox.emit(session, record.event())
     return record
+
+
+class Resolution(StrEnum):
+    """What an operator found at BitGo about a settlement stopped by a conflict."""
+
+    MARK_COMPLETED = "mark_completed"  # BitGo settled it: its trades are settled
+    RELEASE_TRADES = "release_trades"  # BitGo did not: its trades go to the next one
+
+
+_RESOLVE = text(
+    """
+    UPDATE settlements SET status = :to, reason = :reason, updated_at = now(),
+           finalized_at = now()
+    WHERE id = :id AND status = 'conflict'
+    RETURNING *
+    """
+)
+
+
+def resolve(
+    session: Session, settlement_id: uuid.UUID, resolution: Resolution, *, note: str
+) -> SettlementRecord:
+    """End a settlement stopped by a 409 from BitGo, as an operator decided after checking.
+
+    Announced as ``settlement.resolved``, with the resolution and the operator's note.
+    """
+    to = (
+        SettlementStatus.COMPLETED
+        if resolution is Resolution.MARK_COMPLETED
+        else SettlementStatus.REJECTED
+    )
+    reason = f"resolved by an operator ({resolution.value}): {note}"
+    row = session.execute(
+        _RESOLVE, {"id": settlement_id, "to": to.value, "reason": reason}
+    ).one_or_none()
+    if row is None:
+        current = get(session, settlement_id)
+        raise ConflictError(f"Settlement is {current.status.value}; only a conflict is resolved")
+    resolved = _record(row)
+    if resolution is Resolution.MARK_COMPLETED:
+        session.execute(
+            text("UPDATE trades SET settled_at = now() WHERE settlement_id = :id"),
+            {"id": resolved.id},
+        )
+    else:
+        _release_trades(session, resolved)
+    event = resolved.event()
+    outbox.emit(
+        session,
+        outbox.event("settlement.resolved", {**event.payload, "resolution": resolution.value}),
+    )
+    return resolved
 
 
 def attempted(

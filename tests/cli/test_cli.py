@@ -214,3 +214,32 @@ def test_a_key_file_without_keys_is_refused_at_start(env: dict[str, str], tmp_pa
     empty.write_text("not a key\n")
     with pytest.raises(SettingsError, match=r"BITGO_PUBLIC_KEYS: .*no RSA public keys"):
         Settings.from_env({**env, "BITGO_PUBLIC_KEYS": str(empty)})
+
+
+def test_settlements_resolve_releases_a_conflicts_trades(
+    cli_env: None,
+    sessions: sessionmaker[Session],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from models import settlements
+    from models.settlements import SettlementStatus
+
+    with sessions.begin() as session:  # a settlement BitGo stopped with a 409
+        settlement_id = uuid.uuid4()
+        session.execute(
+            text(
+                "INSERT INTO settlements (id, external_id, status, amounts, body, finalized_at)"
+                " VALUES (:id, :ext, 'conflict', '{}', '{}', now())"
+            ),
+            {"id": settlement_id, "ext": f"oes-settlement-test-{settlement_id.hex[:8]}"},
+        )
+    assert main(["settlements", "list"]) == 0
+    assert str(settlement_id) in capsys.readouterr().out
+    resolved = ["settlements", "resolve", str(settlement_id), "--release-trades", "--note", "x"]
+    assert main(resolved) == 0
+    assert "is rejected (release_trades)" in capsys.readouterr().out
+    with sessions() as session:
+        assert settlements.get(session, settlement_id).status is SettlementStatus.REJECTED
+    assert main(resolved) == 1
+    assert "only a conflict is resolved" in capsys.readouterr().err
+    assert main(["settlements", "resolve", "nope", "--mark-completed"]) == 2

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from models import settlements
 from models.connections import ConnectionRecord
-from models.errors import NotFoundError
+from models.errors import ConflictError, NotFoundError
 from models.settlements import SettlementRecord, SettlementStatus, Verdict, verdict
 from models.trades import TradeRecord
 from tests.models.factories import (
@@ -268,6 +268,68 @@ def test_conflict_keeps_its_trades_attached_unsettled_and_emits_settlement_confl
     assert events(db, id=str(done.id)) == [event_of(done)]
     # An operator must act: the next settlement does not take them.
     assert settlements.open_or_start(db) is None
+
+
+def conflicted(db: Session) -> SettlementRecord:
+    pending = pending_settlement(db)
+    done = settlements.finish(db, pending.id, SettlementStatus.CONFLICT, reason="409")
+    assert done is not None
+    return done
+
+
+def test_a_conflict_resolved_as_completed_settles_its_trades_and_says_so(
+    db: Session, link: ConnectionRecord
+) -> None:
+    applied = trade(db, link, {"btc": 3})
+    stopped = conflicted(db)
+    resolved = settlements.resolve(
+        db, stopped.id, settlements.Resolution.MARK_COMPLETED, note="BitGo has it as completed"
+    )
+    assert resolved.status is SettlementStatus.COMPLETED
+    assert resolved.reason == (
+        "resolved by an operator (mark_completed): BitGo has it as completed"
+    )
+    assert attachment(db, applied) == [(stopped.id, True)]
+    said = [e for e in events(db, id=str(stopped.id)) if e.topic == "settlement.resolved"]
+    assert [(e.payload["status"], e.payload["resolution"]) for e in said] == [
+        ("completed", "mark_completed")
+    ]
+    assert settlements.open_or_start(db) is None  # nothing left to settle
+
+
+def test_a_conflict_resolved_by_releasing_puts_its_trades_into_the_next_settlement(
+    db: Session, link: ConnectionRecord
+) -> None:
+    applied = trade(db, link, {"btc": 3})
+    stopped = conflicted(db)
+    resolved = settlements.resolve(
+        db, stopped.id, settlements.Resolution.RELEASE_TRADES, note="unknown at BitGo"
+    )
+    assert resolved.status is SettlementStatus.REJECTED
+    assert attachment(db, applied) == [(None, False)]
+    following = settlements.open_or_start(db)
+    assert following is not None
+    assert following.id != stopped.id
+    assert attachment(db, applied) == [(following.id, False)]
+
+
+def test_only_a_conflict_can_be_resolved(db: Session, link: ConnectionRecord) -> None:
+    trade(db, link, {"btc": 3})
+    pending = pending_settlement(db)
+    with pytest.raises(
+        ConflictError, match=r"^Settlement is pending; only a conflict is resolved$"
+    ):
+        settlements.resolve(db, pending.id, settlements.Resolution.RELEASE_TRADES, note="")
+    with pytest.raises(NotFoundError):
+        settlements.resolve(db, uuid.uuid4(), settlements.Resolution.RELEASE_TRADES, note="")
+
+
+def test_a_resolved_conflict_cannot_be_resolved_again(db: Session, link: ConnectionRecord) -> None:
+    trade(db, link, {"btc": 3})
+    stopped = conflicted(db)
+    settlements.resolve(db, stopped.id, settlements.Resolution.RELEASE_TRADES, note="")
+    with pytest.raises(ConflictError, match=r"^Settlement is rejected"):
+        settlements.resolve(db, stopped.id, settlements.Resolution.MARK_COMPLETED, note="")
 
 
 def test_a_settlement_is_finished_once(db: Session, link: ConnectionRecord) -> None:
