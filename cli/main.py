@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cli import settings
+from cli import settings, tables
 from cli.settings import SettingsError
 
 T = TypeVar("T")
@@ -91,13 +91,12 @@ def cmd_connections_list(args: argparse.Namespace) -> int:
     from models import connections
 
     rows = _in_session(connections.listing)
-    print(f"{'connectionId':36}  {'partnersConnectionId':36}  {'partnersClientId':20}  active")
-    for r in rows:
-        print(
-            f"{r.connection_id!s:36}  {r.partners_connection_id:36}  "
-            f"{r.partners_client_id:20}  {'yes' if r.active else 'no'}"
-        )
-    print(f"{len(rows)} connection(s)")
+    tables.show(
+        "connections",
+        ("connectionId", "partnersConnectionId", "partnersClientId", "active"),
+        [(r.connection_id, r.partners_connection_id, r.partners_client_id, r.active) for r in rows],
+        "connection",
+    )
     return 0
 
 
@@ -125,24 +124,42 @@ def cmd_transfers_list(args: argparse.Namespace) -> int:
         kind=Kind(args.kind) if args.kind else None,
         limit=args.limit,
     )
-    for r in rows:
-        reason = f"  ({r.rejection_reason})" if r.rejection_reason else ""
-        print(
-            f"{r.created_at.isoformat(timespec='seconds')}  {r.kind.value:12}  "
-            f"{r.transfer_id}  {r.status.value:8}  {r.quantity} {r.currency}  "
-            f"{r.partners_connection_id}{reason}"
-        )
-    print(f"{len(rows)} transfer(s)")
+    tables.show(
+        "transfers, newest first",
+        ("created (UTC)", "kind", "id", "status", "quantity", "currency", "account", "reason"),
+        [
+            (
+                r.created_at.isoformat(timespec="seconds"),
+                r.kind.value,
+                r.transfer_id,
+                r.status.value,
+                r.quantity,
+                r.currency,
+                r.partners_connection_id,
+                r.rejection_reason,
+            )
+            for r in rows
+        ],
+        "transfer",
+    )
     return 0
 
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
     from models import ledger
 
-    report = _in_session(ledger.check)
+    def checked(session: Session) -> ledger.LedgerReport:
+        with tables.progress("checking accounts", ledger.account_count(session)) as bar:
+            return ledger.check(session, progress=lambda n: bar.advance(bar.task_ids[0], n))
+
+    report = _in_session(checked)
     for problem in report.problems:
         print(f"DRIFT {problem}")
-    verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    if report.problem_count > len(report.problems):
+        print(f"… and {report.problem_count - len(report.problems)} more")
+    verdict = "ok" if report.ok else f"{report.problem_count} problem(s)"
     print(f"ledger check: {report.accounts} account(s), {report.entries} entries, {verdict}")
     return 0 if report.ok else 1
 
@@ -152,13 +169,22 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
 
     status = outbox.EventStatus(args.status) if args.status else None
     rows = _in_session(outbox.listing, status=status, limit=args.limit)
-    for e in rows:
-        error = f"  last error: {e.last_error}" if e.last_error else ""
-        print(
-            f"{e.created_at.isoformat(timespec='seconds')}  {e.id}  {e.topic:22}  "
-            f"{e.status.value:17}  attempts {e.attempts}{error}"
-        )
-    print(f"{len(rows)} event(s)")
+    tables.show(
+        "outbox events, newest first",
+        ("created (UTC)", "id", "topic", "status", "attempts", "last error"),
+        [
+            (
+                e.created_at.isoformat(timespec="seconds"),
+                e.id,
+                e.topic,
+                e.status.value,
+                e.attempts,
+                e.last_error,
+            )
+            for e in rows
+        ],
+        "event",
+    )
     return 0
 
 
@@ -182,13 +208,23 @@ def cmd_settlements_list(args: argparse.Namespace) -> int:
     from models import settlements
 
     rows = _in_session(settlements.listing, limit=args.limit)
-    for r in rows:
-        reason = f"  ({r.reason})" if r.reason else ""
-        print(
-            f"{r.created_at.isoformat(timespec='seconds')}  {r.id}  {r.external_id}  "
-            f"{r.status.value:9}  attempts {r.attempts}  {json.dumps(r.amounts)}{reason}"
-        )
-    print(f"{len(rows)} settlement(s)")
+    tables.show(
+        "settlements, newest first",
+        ("created (UTC)", "id", "externalId", "status", "attempts", "amounts", "reason"),
+        [
+            (
+                r.created_at.isoformat(timespec="seconds"),
+                r.id,
+                r.external_id,
+                r.status.value,
+                r.attempts,
+                json.dumps(r.amounts),
+                r.reason,
+            )
+            for r in rows
+        ],
+        "settlement",
+    )
     return 0
 
 
@@ -212,6 +248,60 @@ def cmd_settlements_resolve(args: argparse.Namespace) -> int:
         print(f"oes-partner: {exc}", file=sys.stderr)
         return 1
     print(f"settlement {resolved.external_id} is {resolved.status.value} ({resolution.value})")
+    return 0
+
+
+def _worker_app() -> Any:
+    """The worker application with its tasks loaded, its settings checked (exit 2 if bad)."""
+    from workers.celery import app, checked
+    from workers.settings import settings as worker_settings
+
+    checked(worker_settings)
+    app.loader.import_default_modules()
+    return app
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    app = _worker_app()
+    names = sorted(name for name in app.tasks if name.startswith("workers."))
+    tables.show(
+        "tasks (oes-partner tasks run NAME, or celery -A workers call NAME)",
+        ("name", "queue", "what it does"),
+        [
+            (
+                name,
+                app.amqp.router.route({}, name)["queue"].name,
+                (app.tasks[name].__doc__ or "").strip().splitlines()[0],
+            )
+            for name in names
+        ],
+        "task",
+    )
+    return 0
+
+
+def cmd_tasks_run(args: argparse.Namespace) -> int:
+    app = _worker_app()
+    task = app.tasks.get(args.name)
+    if task is None or not args.name.startswith("workers."):
+        print(f"oes-partner: no task {args.name!r}; see oes-partner tasks list", file=sys.stderr)
+        return 2
+    try:
+        arguments = json.loads(args.args)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, list):
+        print("oes-partner: --args is a JSON list, e.g. '[\"<id>\"]'", file=sys.stderr)
+        return 2
+    outcome = task.apply(args=arguments)
+    if outcome.failed():
+        print(f"oes-partner: {args.name} failed: {outcome.result!r}", file=sys.stderr)
+        return 1
+    value = outcome.result
+    if isinstance(value, dict):
+        print(" ".join(f"{k}={v}" for k, v in value.items()))
+    else:
+        print(value)
     return 0
 
 
@@ -314,6 +404,19 @@ def parser() -> argparse.ArgumentParser:
         pass
     else:
         add_sandbox(sub)
+
+    tasks_parser = sub.add_parser("tasks", help="the Celery tasks, run here in the foreground")
+    tsub2 = tasks_parser.add_subparsers(dest="tasks", required=True)
+    tsub2.add_parser("list", help="every task, its queue and what it does").set_defaults(
+        func=cmd_tasks_list
+    )
+    run = tsub2.add_parser(
+        "run",
+        help="run a task now, in this process, with the worker's settings; print its summary",
+    )
+    run.add_argument("name", help="e.g. workers.remediation.sweep_stale_transfers")
+    run.add_argument("--args", default="[]", help="the task's arguments, a JSON list")
+    run.set_defaults(func=cmd_tasks_run)
 
     dev = sub.add_parser("dev-jwt", help="print a BitGo-style JWT signed with a development key")
     dev.add_argument("--key", default=str(defaults.data_dir / "bitgo-dev-private.pem"))

@@ -10,7 +10,9 @@ exchange's order books) are the counter accounts and may go negative.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import StrEnum
 
 from sqlalchemy import text
@@ -166,15 +168,20 @@ def post(
 
 @dataclass(frozen=True)
 class LedgerReport:
-    """What ``check`` found: counts, and one line per discrepancy."""
+    """What ``check`` found: counts, and one line per discrepancy (the first MAX_PROBLEMS)."""
 
     accounts: int
     entries: int
     problems: tuple[str, ...]
+    problem_count: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+MAX_PROBLEMS = 1000
+_STREAM = 1000  # rows fetched at a time: memory stays flat however large the ledger
 
 
 _REBUILT_VS_STORED = text(
@@ -207,36 +214,62 @@ _REBUILT_VS_STORED = text(
 )
 
 
-def check(session: Session) -> LedgerReport:
-    """Rebuild every balance from the entries and compare with what is stored."""
+def check(session: Session, progress: Callable[[int], object] | None = None) -> LedgerReport:
+    """Rebuild every balance from the entries and compare with what is stored.
+
+    PostgreSQL does the sums; the rows stream through in bounded batches, so memory
+    stays flat. ``progress`` is told how many accounts each batch covered.
+    """
     problems: list[str] = []
+    found = 0
+
+    def problem(line: str) -> None:
+        nonlocal found
+        found += 1
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(line)
+
     unbalanced = session.execute(
         text(
             "SELECT posting_id, sum(amount), count(*) FROM ledger_entries "
             "GROUP BY posting_id HAVING sum(amount) <> 0 OR count(*) <> 2"
-        )
-    ).all()
-    problems.extend(
-        f"posting {posting_id}: {count} entries summing to {total}"
-        for posting_id, total, count in unbalanced
+        ),
+        execution_options={"yield_per": _STREAM},
     )
-    rows = session.execute(_REBUILT_VS_STORED).all()
-    for pk, currency, *amounts in rows:
-        stored = dict(zip(("available", "pending_in", "held"), amounts[0:3], strict=True))
-        rebuilt = dict(zip(("available", "pending_in", "held"), amounts[3:6], strict=True))
-        reserved = {"pending_in": amounts[6], "held": amounts[7]}
-        where = f"account {pk}/{currency}"
-        for name, value in stored.items():
-            if value is None:
-                problems.append(f"{where}: entries exist but the account row is missing")
-                break
-            if value != rebuilt[name]:
-                problems.append(f"{where}: {name} is {value}, entries give {rebuilt[name]}")
-            if name in reserved and value != reserved[name]:
-                problems.append(
-                    f"{where}: {name} is {value}, reserved transfers give {reserved[name]}"
-                )
-            if value < 0:
-                problems.append(f"{where}: {name} is negative ({value})")
+    for posting_id, total, count in unbalanced:
+        problem(f"posting {posting_id}: {count} entries summing to {total}")
+    accounts = 0
+    rows = session.execute(_REBUILT_VS_STORED, execution_options={"yield_per": _STREAM})
+    for batch in rows.partitions():
+        for pk, currency, *amounts in batch:
+            accounts += 1
+            for line in _account_problems(f"account {pk}/{currency}", amounts):
+                problem(line)
+        if progress is not None:
+            progress(len(batch))
     entries = session.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one()
-    return LedgerReport(accounts=len(rows), entries=int(entries), problems=tuple(problems))
+    return LedgerReport(
+        accounts=accounts, entries=int(entries), problems=tuple(problems), problem_count=found
+    )
+
+
+def account_count(session: Session) -> int:
+    """How many accounts ``check`` will go through (for a progress bar)."""
+    return int(session.execute(text("SELECT count(*) FROM accounts")).scalar_one())
+
+
+def _account_problems(where: str, amounts: list[object]) -> list[str]:
+    stored = dict(zip(("available", "pending_in", "held"), amounts[0:3], strict=True))
+    rebuilt = dict(zip(("available", "pending_in", "held"), amounts[3:6], strict=True))
+    reserved = {"pending_in": amounts[6], "held": amounts[7]}
+    out: list[str] = []
+    for name, value in stored.items():
+        if value is None:
+            return [*out, f"{where}: entries exist but the account row is missing"]
+        if value != rebuilt[name]:
+            out.append(f"{where}: {name} is {value}, entries give {rebuilt[name]}")
+        if name in reserved and value != reserved[name]:
+            out.append(f"{where}: {name} is {value}, reserved transfers give {reserved[name]}")
+        if isinstance(value, int | Decimal) and value < 0:
+            out.append(f"{where}: {name} is negative ({value})")
+    return out

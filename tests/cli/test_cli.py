@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cli.main import main
 from models.migrate import alembic_config
 from models.tables import metadata
-from tests.conftest import BitGo
+from tests.conftest import BitGo, row_count
 
 
 @pytest.fixture
@@ -243,3 +243,66 @@ def test_settlements_resolve_releases_a_conflicts_trades(
     assert main(resolved) == 1
     assert "only a conflict is resolved" in capsys.readouterr().err
     assert main(["settlements", "resolve", "nope", "--mark-completed"]) == 2
+
+
+@pytest.fixture
+def worker_env(cli_env: None, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Iterator[None]:
+    from workers.settings import settings as worker_settings
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    worker_settings.cache_clear()
+    yield
+    worker_settings.cache_clear()
+
+
+def test_tasks_list_names_every_task_with_its_queue(
+    worker_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tasks", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "8 task(s)" in out
+    for name, queue in (
+        ("workers.hooks.deliver ", "hooks"),
+        ("workers.remediation.relay_outbox ", "remediation"),
+        ("workers.settlement.run_settlement ", "settlement"),
+    ):
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert queue in line.split()
+
+
+def test_tasks_run_runs_the_task_here_and_prints_its_summary(
+    worker_env: None, sessions: sessionmaker[Session], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = row_count(sessions, "task_runs", "task = 'workers.remediation.relay_outbox'")
+    assert main(["tasks", "run", "workers.remediation.relay_outbox"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("relayed=")
+    after = row_count(sessions, "task_runs", "task = 'workers.remediation.relay_outbox'")
+    assert after == before + 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["tasks", "run", "workers.nope"], "no task 'workers.nope'"),
+        (["tasks", "run", "celery.backend_cleanup"], "no task"),
+        (["tasks", "run", "workers.hooks.deliver", "--args", "{}"], "--args is a JSON list"),
+    ],
+)
+def test_tasks_run_refuses_what_it_cannot_run(
+    worker_env: None, capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    assert main(argv) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_tasks_run_without_settings_stops_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workers.settings import settings as worker_settings
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    worker_settings.cache_clear()
+    with pytest.raises(SystemExit) as stopped:
+        main(["tasks", "run", "workers.remediation.relay_outbox"])
+    assert stopped.value.code == 2
+    assert "DATABASE_URL is required and not set" in capsys.readouterr().err
