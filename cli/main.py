@@ -312,22 +312,49 @@ def cmd_dev_jwt(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's help shows the defaults of its options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
     defaults = settings.defaults()
-    top = argparse.ArgumentParser(prog="oes-partner", description=__doc__)
+    top = _Parser(
+        prog="oes-partner",
+        description="The exchange-side gateway for BitGo's Go Network settlement: run it, "
+        "and operate it.",
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the web process (settings from the environment)")
-    serve.add_argument("--host", default=defaults.host)
-    serve.add_argument("--port", type=int, default=defaults.port)
-    serve.add_argument("--workers", type=int, default=defaults.web_concurrency)
+    serve.add_argument("--host", default=defaults.host, help="address to listen on (HOST)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="TCP port (PORT)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.web_concurrency,
+        help="uvicorn processes (WEB_CONCURRENCY)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     standalone = sub.add_parser("standalone", help="everything on one machine, no set-up")
-    standalone.add_argument("--data-dir", default=str(defaults.data_dir))
-    standalone.add_argument("--host", default="127.0.0.1")
-    standalone.add_argument("--port", type=int, default=defaults.port)
-    standalone.add_argument("--sandbox-port", type=int, default=defaults.sandbox_port)
+    standalone.add_argument(
+        "--data-dir",
+        default=str(defaults.data_dir),
+        help="embedded PostgreSQL and Redis data, dev keys, the token and the env file "
+        "(OES_DATA_DIR)",
+    )
+    standalone.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    standalone.add_argument("--port", type=int, default=defaults.port, help="API port (PORT)")
+    standalone.add_argument(
+        "--sandbox-port",
+        type=int,
+        default=defaults.sandbox_port,
+        help="BitGo sandbox port (OES_SANDBOX_PORT)",
+    )
     standalone.add_argument(
         "--no-sandbox", action="store_true", help="do not run the BitGo sandbox beside it"
     )

@@ -306,3 +306,19 @@ def test_tasks_run_without_settings_stops_with_one_line(
         main(["tasks", "run", "workers.remediation.relay_outbox"])
     assert stopped.value.code == 2
     assert "DATABASE_URL is required and not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["serve"], ["standalone"], ["outbox", "redrive"], ["settlements", "resolve"], ["tasks"]],
+)
+def test_help_is_plain_text_with_defaults(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text
+    if command in (["serve"], ["standalone"]):
+        assert "(default: " in text
