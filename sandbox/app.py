@@ -117,12 +117,14 @@ async def create_connection(request: Request) -> Response:
         raise Refused(502, f"Partner did not answer: {exc}") from None
     if status != 200:
         raise Refused(422, f"Partner refused the connection: {answer.get('error')}")
-    connection = store.connections[connection_id] = Connection(
-        id=connection_id,
-        enterprise_id=enterprise,
-        client_id=client_id,
-        partners_client_id=str(answer["partnersClientId"]),
-        partners_connection_id=str(answer["partnersConnectionId"]),
+    connection = store.add_connection(
+        Connection(
+            id=connection_id,
+            enterprise_id=enterprise,
+            client_id=client_id,
+            partners_client_id=str(answer["partnersClientId"]),
+            partners_connection_id=str(answer["partnersConnectionId"]),
+        )
     )
     return JSONResponse({"connection": connection.render()})
 
@@ -209,10 +211,7 @@ def _transfer(kind: str) -> Any:
                     notes=notes,
                     request=fields,
                 )
-                store.allocations[allocation.id] = allocation
-                store.by_external[(enterprise, kind, external)] = allocation.id
-                store.nonces[(enterprise, nonce)] = f"{kind}:{external}"
-                store.move(allocation, "reserved")
+                store.add_allocation(allocation, nonce)
             fault = store.take_fault(kind, requested)
             await _drive(_gateway(request), store, allocation, fault)
             return _answer(allocation)
@@ -244,27 +243,22 @@ async def _drive(gateway: Gateway, store: Store, a: Allocation, fault: Fault | N
             _release(store, a, str(answer.get("rejectionReason") or "Rejected by partner"))
             return
         if state in ("cleared", "released"):  # a re-send after a lost answer: take its word
-            store.move(a, state)
-            a.retriable = False
-            a.reason = None if state == "cleared" else "Released by partner"
+            store.move(a, state, reason=None if state == "cleared" else "Released by partner")
             return
         mode = fault.mode if fault else None
         if mode == "no_clear":  # BitGo settles on its side; the clear call is lost
             store.move(a, "cleared")
-            a.retriable = False
             return
         action = "release" if mode == "release" else "clear"
         status, answer = await gateway.call(
             "PUT", f"/bitgo/v1/{a.type}/{a.id}/{action}", fault=fault, first=False
         )
     except NoAnswer as exc:
-        a.retriable = True
-        a.reason = f"Partner did not answer: {exc}"
-        a.updated_at = now()
+        a.retriable, a.reason = True, f"Partner did not answer: {exc}"
+        store.save(a)
         return
     if status == 200 and answer.get("status") == "cleared":
         store.move(a, "cleared")
-        a.retriable, a.reason = False, None
     else:
         reason = (
             "Released by the sandbox (fault injection)"
@@ -275,8 +269,7 @@ async def _drive(gateway: Gateway, store: Store, a: Allocation, fault: Fault | N
 
 
 def _release(store: Store, a: Allocation, reason: str) -> None:
-    store.move(a, "released")
-    a.retriable, a.reason = False, reason
+    store.move(a, "released", reason=reason)
 
 
 def _answer(a: Allocation) -> Response:
@@ -381,31 +374,33 @@ async def settle(request: Request) -> Response:
     settlement = existing or Settlement(
         id=str(uuid.uuid4()), external_id=external, body=body, status="pending"
     )
-    store.settlements[external] = settlement
-    settlement.status, settlement.reason = _apply_settlement(store, amounts)
+    settlement.status, settlement.reason, moved = _apply_settlement(store, amounts)
     settlement.updated_at = now()
     if settlement.status in ("completed", "rejected"):
         settlement.finalized_at = settlement.updated_at
+    store.record_settlement(settlement, moved)
     return JSONResponse({"settlement": settlement.render(store.partner_enterprise_id)})
 
 
-def _apply_settlement(store: Store, amounts: dict[str, Any]) -> tuple[str, str | None]:
+Moved = list[tuple[str, str]]  # the (connectionId, currency) balances a settlement changed
+
+
+def _apply_settlement(store: Store, amounts: dict[str, Any]) -> tuple[str, str | None, Moved]:
     if store.take_fault("settlement", None) is not None:
-        return "failed", "Failed by the sandbox (fault injection)"
-    changes: list[tuple[list[int], int]] = []
+        return "failed", "Failed by the sandbox (fault injection)", []
+    changes: list[tuple[str, str, int]] = []
     for connection_id, per_currency in amounts.items():
         if connection_id not in store.connections or not isinstance(per_currency, dict):
-            return "rejected", f"Unknown connection {connection_id}"
+            return "rejected", f"Unknown connection {connection_id}", []
         for currency, raw in per_currency.items():
             if not isinstance(raw, str) or not re.fullmatch(r"-?[0-9]{1,78}", raw):
-                return "rejected", f"Bad amount for {connection_id}/{currency}"
-            b = store.balances[connection_id][currency]
-            if b[0] + int(raw) < 0:
-                return "failed", f"Insufficient balance on {connection_id}/{currency}"
-            changes.append((b, int(raw)))
-    for b, delta in changes:
-        b[0] += delta
-    return "completed", None
+                return "rejected", f"Bad amount for {connection_id}/{currency}", []
+            if store.balances[connection_id][currency][0] + int(raw) < 0:
+                return "failed", f"Insufficient balance on {connection_id}/{currency}", []
+            changes.append((connection_id, currency, int(raw)))
+    for connection_id, currency, delta in changes:
+        store.balances[connection_id][currency][0] += delta
+    return "completed", None, [(c, currency) for c, currency, _ in changes]
 
 
 # --- control ------------------------------------------------------------------------------
@@ -471,8 +466,15 @@ def create_sandbox_app(
     partner_enterprise_id: str = SANDBOX_ENTERPRISE,
     access_token: str = SANDBOX_ACCESS_TOKEN,
     standing: list[Fault] | None = None,
+    state: Path | None = None,
 ) -> Starlette:
-    store = Store(partner_enterprise_id=partner_enterprise_id, access_token=access_token)
+    """The sandbox; ``state``: the SQLite file its state is kept in (None: memory only)."""
+    if state is None:
+        store = Store(partner_enterprise_id=partner_enterprise_id, access_token=access_token)
+    else:
+        store = Store.open(
+            state, partner_enterprise_id=partner_enterprise_id, access_token=access_token
+        )
     store.faults.extend(standing or [])
 
     @asynccontextmanager

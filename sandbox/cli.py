@@ -13,9 +13,10 @@ import httpx
 
 from cli.settings import defaults
 from sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE
-from sandbox.store import FAULT_MODES, Fault, hmac_hex
+from sandbox.store import FAULT_MODES, Fault, StateError, hmac_hex
 
 CLIENT_FILE = "sandbox-client.json"
+STATE_FILE = "sandbox.sqlite3"  # the sandbox's memory, in its data directory
 
 
 def parse_fault(text: str) -> Fault:
@@ -82,9 +83,12 @@ def serve(args: argparse.Namespace) -> int:
     from config.logs import configure_logging
     from sandbox.app import create_sandbox_app
 
-    private, public = ensure_key_pair(Path(args.data_dir).resolve())
+    data_dir = Path(args.data_dir).resolve()
+    private, public = ensure_key_pair(data_dir)
+    state = data_dir / STATE_FILE
     print("oes-partner sandbox: a local BitGo")
     print(f"  gateway: {args.gateway}")
+    print(f"  state (clients, connections, allocations, balances, settlements): {state}")
     print(f"  BitGo's public key, for the gateway's BITGO_PUBLIC_KEYS: {public}")
     print(f"  listening on {_url(args)}  (BITGO_API_URL and BITGO_EXPRESS_URL)")
     print(f"  BITGO_ACCESS_TOKEN={SANDBOX_ACCESS_TOKEN} BITGO_ENTERPRISE_ID={SANDBOX_ENTERPRISE}")
@@ -92,7 +96,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"  standing fault: {fault.render()}")
     sys.stdout.flush()
     configure_logging()
-    app = create_sandbox_app(gateway_url=args.gateway, private_key=private, standing=args.fault)
+    try:
+        app = create_sandbox_app(
+            gateway_url=args.gateway, private_key=private, standing=args.fault, state=state
+        )
+    except StateError as exc:
+        print(f"oes-partner sandbox: {exc}; move it away to start afresh", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_config=None)
     return 0
 

@@ -1,17 +1,26 @@
 """The sandbox's memory of BitGo's side: clients, connections, allocations, balances,
-settlements and fault rules. One process, in memory; restart and it is empty."""
+settlements and fault rules.
+
+One process keeps it all in memory and, given a file, writes every change through to
+SQLite as it is made (each change one transaction) and reads it all back when it starts
+again, so a restart forgets nothing BitGo would remember. Fault rules and locks live in
+memory only.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import json
 import re
 import secrets
+import sqlite3
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 FAULT_MODES = ("timeout", "duplicate", "delay", "no_clear", "release")
@@ -137,6 +146,46 @@ class Fault:
         }
 
 
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    enterprise_id TEXT PRIMARY KEY, client_key TEXT NOT NULL, client_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS connections (
+    id TEXT PRIMARY KEY, enterprise_id TEXT NOT NULL, client_id TEXT NOT NULL,
+    partners_client_id TEXT NOT NULL, partners_connection_id TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS allocations (
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, currency TEXT NOT NULL, quantity TEXT NOT NULL,
+    connection_id TEXT NOT NULL, enterprise_id TEXT NOT NULL, client_external_id TEXT NOT NULL,
+    initiated_by TEXT NOT NULL, notes TEXT, request TEXT NOT NULL, status TEXT NOT NULL,
+    reason TEXT, retriable INTEGER NOT NULL, partner_external_id TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    UNIQUE (enterprise_id, type, client_external_id));
+CREATE TABLE IF NOT EXISTS nonces (
+    enterprise_id TEXT NOT NULL, nonce TEXT NOT NULL, owner TEXT NOT NULL,
+    PRIMARY KEY (enterprise_id, nonce));
+CREATE TABLE IF NOT EXISTS balances (
+    connection_id TEXT NOT NULL, currency TEXT NOT NULL,
+    available TEXT NOT NULL, held TEXT NOT NULL,  -- integers of up to 78 digits
+    PRIMARY KEY (connection_id, currency));
+CREATE TABLE IF NOT EXISTS settlements (
+    external_id TEXT PRIMARY KEY, id TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL,
+    reason TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, finalized_at TEXT);
+"""
+_ALLOCATION_COLUMNS = (
+    "id, type, currency, quantity, connection_id, enterprise_id, client_external_id, "
+    "initiated_by, notes, request, status, reason, retriable, partner_external_id, "
+    "created_at, updated_at"
+)
+INTERRUPTED = "The sandbox stopped during this call; send the identical request again"
+Write = tuple[str, tuple[Any, ...]]
+
+
+class StateError(Exception):
+    """The state file is not one this sandbox can read."""
+
+
 @dataclass
 class Store:
     partner_enterprise_id: str
@@ -155,13 +204,214 @@ class Store:
     settlements: dict[str, Settlement] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    db: sqlite3.Connection | None = field(default=None, repr=False)  # None: memory only
+
+    @classmethod
+    def open(cls, path: Path, *, partner_enterprise_id: str, access_token: str) -> Store:
+        """The store kept in the SQLite file ``path``, made on first use."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One event loop thread uses it; the connection is made before that thread runs.
+        db = sqlite3.connect(path, check_same_thread=False)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise StateError(f"{path} holds sandbox state of version {version}")
+            db.execute("PRAGMA journal_mode=WAL")  # a crash loses no committed change
+            db.execute("PRAGMA synchronous=NORMAL")  # and only a power cut the last ones
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StateError(f"{path} is not sandbox state: {exc}") from None
+        except StateError:
+            db.close()
+            raise
+        store = cls(partner_enterprise_id=partner_enterprise_id, access_token=access_token, db=db)
+        store._load()
+        return store
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def _load(self) -> None:
+        assert self.db is not None
+        q = self.db.execute
+        row = q("SELECT value FROM meta WHERE name = 'partner_key'").fetchone()
+        if row is None:
+            self._write(("INSERT INTO meta VALUES ('partner_key', ?)", (self.partner_key,)))
+        else:
+            self.partner_key = row[0]
+        for enterprise, key, client_id in q(
+            "SELECT enterprise_id, client_key, client_id FROM clients ORDER BY rowid"
+        ):
+            self.client_keys[enterprise], self.client_ids[enterprise] = key, client_id
+        for r in q(
+            "SELECT id, enterprise_id, client_id, partners_client_id, partners_connection_id, "
+            "created_at FROM connections ORDER BY rowid"
+        ):
+            self.connections[r[0]] = Connection(*r)
+        interrupted = []
+        for r in q(f"SELECT {_ALLOCATION_COLUMNS} FROM allocations ORDER BY rowid"):  # noqa: S608
+            a = Allocation(
+                id=r[0],
+                type=r[1],
+                currency=r[2],
+                quantity=int(r[3]),
+                connection_id=r[4],
+                enterprise_id=r[5],
+                client_external_id=r[6],
+                initiated_by=r[7],
+                notes=r[8],
+                request=json.loads(r[9]),
+                status=r[10],
+                reason=r[11],
+                retriable=bool(r[12]),
+                partner_external_id=r[13],
+                created_at=r[14],
+                updated_at=r[15],
+            )
+            self.allocations[a.id] = a
+            self.by_external[(a.enterprise_id, a.type, a.client_external_id)] = a.id
+            if a.status == "reserved" and not a.retriable:  # stopped in the middle of a call
+                a.retriable, a.reason = True, INTERRUPTED
+                interrupted.append(self._allocation_row(a))
+        self._write(*interrupted)
+        for enterprise, nonce, owner in q("SELECT enterprise_id, nonce, owner FROM nonces"):
+            self.nonces[(enterprise, nonce)] = owner
+        for connection_id, currency, available, held in q(
+            "SELECT connection_id, currency, available, held FROM balances ORDER BY rowid"
+        ):
+            self.balances[connection_id][currency] = [int(available), int(held)]
+        for r in q(
+            "SELECT id, external_id, body, status, reason, created_at, updated_at, finalized_at "
+            "FROM settlements ORDER BY rowid"
+        ):
+            self.settlements[r[1]] = Settlement(
+                id=r[0],
+                external_id=r[1],
+                body=json.loads(r[2]),
+                status=r[3],
+                reason=r[4],
+                created_at=r[5],
+                updated_at=r[6],
+                finalized_at=r[7],
+            )
+
+    def _write(self, *writes: Write) -> None:
+        """Statements in one transaction; nothing when the store lives in memory only."""
+        if self.db is None or not writes:
+            return
+        with self.db:
+            for statement, parameters in writes:
+                self.db.execute(statement, parameters)
+
+    @staticmethod
+    def _allocation_row(a: Allocation) -> Write:
+        return (
+            # Only the constant column names are spliced in; every value is a parameter.
+            f"INSERT INTO allocations ({_ALLOCATION_COLUMNS}) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+            "reason = excluded.reason, retriable = excluded.retriable, "
+            "partner_external_id = excluded.partner_external_id, "
+            "updated_at = excluded.updated_at",
+            (
+                a.id,
+                a.type,
+                a.currency,
+                str(a.quantity),
+                a.connection_id,
+                a.enterprise_id,
+                a.client_external_id,
+                a.initiated_by,
+                a.notes,
+                json.dumps(a.request),
+                a.status,
+                a.reason,
+                int(a.retriable),
+                a.partner_external_id,
+                a.created_at,
+                a.updated_at,
+            ),
+        )
+
+    def _balance_row(self, connection_id: str, currency: str) -> Write:
+        available, held = self.balances[connection_id][currency]
+        return (
+            "INSERT INTO balances VALUES (?, ?, ?, ?) ON CONFLICT (connection_id, currency) "
+            "DO UPDATE SET available = excluded.available, held = excluded.held",
+            (connection_id, currency, str(available), str(held)),
+        )
 
     def register_client(self, enterprise_id: str | None = None) -> tuple[str, str]:
         """A client enterprise and the key it signs allocation payloads with."""
         enterprise = enterprise_id or f"client-{uuid.uuid4().hex[:12]}"
-        key = self.client_keys.setdefault(enterprise, secrets.token_hex(16))
-        self.client_ids.setdefault(enterprise, str(uuid.uuid4()))
-        return enterprise, key
+        if enterprise not in self.client_keys:
+            self.client_keys[enterprise] = secrets.token_hex(16)
+            self.client_ids[enterprise] = str(uuid.uuid4())
+            self._write(
+                (
+                    "INSERT INTO clients VALUES (?, ?, ?)",
+                    (enterprise, self.client_keys[enterprise], self.client_ids[enterprise]),
+                )
+            )
+        return enterprise, self.client_keys[enterprise]
+
+    def add_connection(self, connection: Connection) -> Connection:
+        self.connections[connection.id] = connection
+        c = connection
+        self._write(
+            (
+                "INSERT INTO connections VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    c.id,
+                    c.enterprise_id,
+                    c.client_id,
+                    c.partners_client_id,
+                    c.partners_connection_id,
+                    c.created_at,
+                ),
+            )
+        )
+        return connection
+
+    def add_allocation(self, allocation: Allocation, nonce: str) -> None:
+        """A new allocation (or deallocation), reserved, and the nonce it spent."""
+        a = allocation
+        owner = f"{a.type}:{a.client_external_id}"
+        self.allocations[a.id] = a
+        self.by_external[(a.enterprise_id, a.type, a.client_external_id)] = a.id
+        self.nonces[(a.enterprise_id, nonce)] = owner
+        spent = ("INSERT INTO nonces VALUES (?, ?, ?)", (a.enterprise_id, nonce, owner))
+        self.move(a, "reserved", also=(spent,))
+
+    def save(self, allocation: Allocation) -> None:
+        """Keep what changed on ``allocation`` besides its state."""
+        allocation.updated_at = now()
+        self._write(self._allocation_row(allocation))
+
+    def record_settlement(self, settlement: Settlement, moved: list[tuple[str, str]]) -> None:
+        """Keep ``settlement`` and the balances (connectionId, currency) it moved."""
+        s = settlement
+        self.settlements[s.external_id] = s
+        row = (
+            "INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (external_id) "
+            "DO UPDATE SET status = excluded.status, reason = excluded.reason, "
+            "updated_at = excluded.updated_at, finalized_at = excluded.finalized_at",
+            (
+                s.external_id,
+                s.id,
+                json.dumps(s.body),
+                s.status,
+                s.reason,
+                s.created_at,
+                s.updated_at,
+                s.finalized_at,
+            ),
+        )
+        self._write(row, *(self._balance_row(c, currency) for c, currency in moved))
 
     def take_fault(self, kind: str, requested: Fault | None = None) -> Fault | None:
         """The fault for this call: one named on the request, else the first rule matching."""
@@ -176,8 +426,16 @@ class Store:
                 return rule
         return None
 
-    def move(self, allocation: Allocation, to: str) -> None:
-        """Change BitGo's balances for ``allocation`` entering state ``to``."""
+    def move(
+        self,
+        allocation: Allocation,
+        to: str,
+        *,
+        retriable: bool = False,
+        reason: str | None = None,
+        also: tuple[Write, ...] = (),
+    ) -> None:
+        """Change BitGo's balances for ``allocation`` entering state ``to``, and keep both."""
         b = self.balances[allocation.connection_id][allocation.currency]
         q = allocation.quantity
         moves = {
@@ -192,4 +450,10 @@ class Store:
         b[0] += d_available
         b[1] += d_held
         allocation.status = to
+        allocation.retriable, allocation.reason = retriable, reason
         allocation.updated_at = now()
+        self._write(
+            *also,
+            self._allocation_row(allocation),
+            self._balance_row(allocation.connection_id, allocation.currency),
+        )
