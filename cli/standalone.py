@@ -306,12 +306,21 @@ def _prepare(
 
 
 _SHARED = ("DATABASE_URL", "REDIS_URL", "BITGO_PUBLIC_KEYS", "OES_INTERNAL_TOKEN")
+# With the sandbox wired in, tasks run by hand (oes-partner tasks run) talk to it too.
+_SANDBOX = (
+    "BITGO_API_URL",
+    "BITGO_EXPRESS_URL",
+    "BITGO_ACCESS_TOKEN",
+    "BITGO_ENTERPRISE_ID",
+    "BITGO_WALLET_ID",
+)
 
 
 def _write_env(data_dir: Path, env: dict[str, str]) -> Path:
     """The settings the command line needs to reach these servers: ``set -a; . <file>``."""
     path = data_dir / "env"
-    path.write_text("".join(f"{name}={shlex.quote(env[name])}\n" for name in _SHARED))
+    names = [n for n in (*_SHARED, *_SANDBOX) if env.get(n)]
+    path.write_text("".join(f"{name}={shlex.quote(env[name])}\n" for name in names))
     path.chmod(0o600)
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import uuid
 from pathlib import Path
@@ -196,7 +197,25 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         payload = signing.json()["payload"]
         headers = {"X-Sandbox-Fault": args.fault} if args.fault else {}
         body = {**fields, "payload": payload, "signature": hmac_hex(state["clientKey"], payload)}
-        return _show(http.post(base, json=body, headers=headers))
+        print(f"clientExternalId: {fields['clientExternalId']}  nonce: {fields['nonce']}")
+        answer = http.post(base, json=body, headers=headers)
+        code = _show(answer)
+        answered = (
+            answer.json()
+            if answer.headers.get("content-type", "").startswith("application/json")
+            else {}
+        )
+        record = answered.get("allocation") or answered.get("deallocation") or {}
+        if isinstance(record, dict) and record.get("retriable"):
+            command = args.kind.removesuffix("ion") + "e"  # allocation -> allocate
+            notes = f" --notes {shlex.quote(args.notes)}" if args.notes else ""
+            print(
+                f"retriable: re-send the identical request with\n  oes-partner sandbox {command}"
+                f" --connection {args.connection} --quantity {args.quantity}"
+                f" --currency {args.currency} --client-external-id {fields['clientExternalId']}"
+                f" --nonce {fields['nonce']}{notes}"
+            )
+        return code
 
 
 def _partner_get(args: argparse.Namespace, path: str) -> int:

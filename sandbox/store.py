@@ -101,7 +101,12 @@ class Allocation:
         }
         if with_type:
             out["type"] = self.type
-        return out
+        return _present(out)
+
+
+def _present(record: dict[str, Any]) -> dict[str, Any]:
+    """BitGo leaves an optional field out rather than sending null."""
+    return {name: value for name, value in record.items() if value is not None}
 
 
 @dataclass
@@ -116,16 +121,18 @@ class Settlement:
     finalized_at: str | None = None
 
     def render(self, partner_id: str) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "partnerId": partner_id,
-            "externalId": self.external_id,
-            "status": self.status,
-            "reason": self.reason,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-            "finalizedAt": self.finalized_at,
-        }
+        return _present(
+            {
+                "id": self.id,
+                "partnerId": partner_id,
+                "externalId": self.external_id,
+                "status": self.status,
+                "reason": self.reason,
+                "createdAt": self.created_at,
+                "updatedAt": self.updated_at,
+                "finalizedAt": self.finalized_at,
+            }
+        )
 
 
 @dataclass

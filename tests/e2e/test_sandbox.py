@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import INTERNAL_TOKEN
 from tests.e2e.conftest import System
@@ -46,13 +49,15 @@ def test_a_full_cycle_allocate_trade_deallocate_settle(system: System) -> None:
         "clientExternalId",
         "partnerExternalId",
         "initiatedBy",
-        "notes",
         "createdAt",
         "updatedAt",
         "retriable",
         "status",
-        "reason",
     }
+    # Optional fields with nothing in them are left out, as BitGo does, never null.
+    assert "reason" not in record
+    assert "notes" not in record
+    assert None not in record.values()
     assert record["partnerExternalId"]  # the gateway's partnersAllocationId
     assert _balance(system, pcid) == (1000, 0, 0)
     assert _bitgo_balance(system, cid) == (1000, 0)
@@ -112,7 +117,7 @@ def test_an_answer_lost_in_a_timeout_is_retried_by_the_client_and_clears(system:
     again = client.transfer("allocation", cid, 70, external_id=external, nonce=nonce)
     assert again.status_code == 200, again.text
     assert again.json()["allocation"]["id"] == transfer_id
-    assert again.json()["allocation"]["reason"] is None
+    assert "reason" not in again.json()["allocation"]
     assert again.json()["allocation"]["retriable"] is False
     assert system.gateway_status(transfer_id) == "cleared"
     assert _balance(system, pcid) == (70, 0, 0)
@@ -231,3 +236,27 @@ def test_a_deallocation_whose_answer_is_lost_is_retried_and_clears_once(system: 
     assert _balance(system, pcid) == (60, 0, 0)
     assert _bitgo_balance(system, cid) == (60, 0)
     system.assert_agree()
+
+
+def test_the_client_cli_shows_how_to_resend_an_answer_lost_in_a_timeout(
+    system: System,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cli.main import main
+
+    monkeypatch.setenv("OES_SANDBOX_URL", system.sandbox_url)
+    monkeypatch.setenv("OES_INTERNAL_TOKEN", system.env["OES_INTERNAL_TOKEN"])
+    base = ["sandbox", "--data-dir", str(tmp_path), "--gateway", system.gateway_url]
+    assert main([*base, "connect", "--partners-client-id", "carol"]) == 0
+    capsys.readouterr()
+    assert main(
+        [*base, "allocate", "--connection", "carol", "--quantity", "5", "--fault", "timeout"]
+    )
+    said = capsys.readouterr().out
+    assert said.startswith("clientExternalId: ")
+    resend = said.split("re-send the identical request with\n", 1)[1].split()
+    assert resend[:3] == ["oes-partner", "sandbox", "allocate"]
+    assert main([*base, *resend[2:]]) == 0
+    assert '"status": "cleared"' in capsys.readouterr().out
