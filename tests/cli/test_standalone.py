@@ -26,7 +26,8 @@ import pytest
 import redis
 
 from cli.main import main
-from cli.standalone import DataDirectoryInUse, _Child, _lock, _unlock
+from cli.standalone import DataDirectoryInUse, _lock, _unlock
+from cli.supervisor import Child
 from sandbox.app import SANDBOX_ACCESS_TOKEN, SANDBOX_ENTERPRISE
 from tests.conftest import BitGo, free_port, scratch_dir
 from tests.workers.conftest import eventually
@@ -457,7 +458,7 @@ def test_after_a_crash_a_restart_takes_over_and_stops_everything_later() -> None
 def test_a_child_that_keeps_dying_waits_longer_each_time() -> None:
     """The back-off doubles while deaths come soon after starts, up to a ceiling, and
     starts afresh after a long run."""
-    child = _Child("the Celery worker", ["celery"], lambda: True, grace=1)
+    child = Child("the Celery worker", ["celery"], lambda: True, grace=1)
     delays = []
     for _ in range(8):
         child.started = time.monotonic()  # it had just started
