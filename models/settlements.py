@@ -146,8 +146,42 @@ def get(session: Session, settlement_id: uuid.UUID) -> SettlementRecord:
     return _record(row)
 
 
+# Which unsettled trades the next settlement takes. Trades of connections that never had
+# a trade in a rejected settlement are netted together. Once none is left, one connection
+# with a rejected trade is netted alone: the one rejected longest ago, so connections
+# take turns and one that BitGo keeps refusing delays no one but itself.
+_TAKE = text(
+    """
+    WITH unsettled AS (
+        SELECT external_id, connection_pk, created_at,
+               max(rejected_at) OVER (PARTITION BY connection_pk) AS rejected
+        FROM trades WHERE settlement_id IS NULL
+    ),
+    alone AS (
+        SELECT connection_pk FROM unsettled WHERE rejected IS NOT NULL
+        ORDER BY rejected, created_at, connection_pk LIMIT 1
+    )
+    UPDATE trades t SET settlement_id = :id
+    FROM (
+        SELECT external_id FROM unsettled
+        WHERE CASE WHEN EXISTS (SELECT 1 FROM unsettled WHERE rejected IS NULL)
+                   THEN rejected IS NULL
+                   ELSE connection_pk = (SELECT connection_pk FROM alone)
+              END
+        ORDER BY created_at LIMIT :limit
+    ) AS chosen
+    WHERE t.external_id = chosen.external_id AND t.settlement_id IS NULL
+    RETURNING t.external_id
+    """
+)
+
+
 def open_or_start(session: Session) -> SettlementRecord | None:
-    """The settlement in flight, or a new one netting every unsettled trade; None if none."""
+    """The settlement in flight, or a new one netting unsettled trades; None if none.
+
+    See ``_TAKE`` for which trades: a connection whose trades were in a rejected
+    settlement is settled on its own, after the others, taking turns.
+    """
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _START_LOCK})
     row = session.execute(_OPEN).one_or_none()
     if row is not None:
@@ -160,18 +194,7 @@ def open_or_start(session: Session) -> SettlementRecord | None:
         ),
         {"id": settlement_id},
     ).scalar_one()
-    included = (
-        session.execute(
-            text(
-                "UPDATE trades SET settlement_id = :id WHERE external_id IN ("
-                " SELECT external_id FROM trades WHERE settlement_id IS NULL"
-                " ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED) RETURNING external_id"
-            ),
-            {"id": settlement_id, "limit": MAX_TRADES},
-        )
-        .scalars()
-        .all()
-    )
+    included = session.execute(_TAKE, {"id": settlement_id, "limit": MAX_TRADES}).scalars().all()
     if not included:
         session.execute(text("DELETE FROM settlements WHERE id = :id"), {"id": settlement_id})
         return None
@@ -224,9 +247,13 @@ def _settle_trades(session: Session, record: SettlementRecord) -> None:
 
 
 def _release_trades(session: Session, record: SettlementRecord) -> None:
-    """Nothing moved at BitGo: the trades go back to be netted into the next settlement."""
+    """Nothing moved at BitGo: the trades go back to be netted again, each connection alone."""
     session.execute(
-        text("UPDATE trades SET settlement_id = NULL WHERE settlement_id = :id"), {"id": record.id}
+        text(
+            "UPDATE trades SET settlement_id = NULL, rejected_at = statement_timestamp()"
+            " WHERE settlement_id = :id"
+        ),
+        {"id": record.id},
     )
 
 

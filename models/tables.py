@@ -166,6 +166,9 @@ trades = Table(
     Column("deltas", JSONB, nullable=False),
     Column("settlement_id", Uuid, ForeignKey("settlements.id")),
     Column("settled_at", DateTime(timezone=True)),
+    # When a settlement it was in was last rejected: from then on it is netted with its own
+    # connection's trades only, so one connection BitGo refuses cannot hold up the others.
+    Column("rejected_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("settled_at IS NULL OR settlement_id IS NOT NULL", name="settled_by"),
     Index("ix_trades_settlement_id", "settlement_id"),

@@ -414,3 +414,27 @@ def test_get_of_an_unknown_settlement_is_not_found(db: Session) -> None:
 )
 def test_verdict_reads_bitgos_answer(answer: dict[str, Any], expected: Verdict) -> None:
     assert verdict(answer) == expected
+
+
+def test_a_rejected_settlement_s_connections_are_then_settled_one_at_a_time_in_turn(
+    db: Session,
+) -> None:
+    first, second, newcomer = (linked_connection(db) for _ in range(3))
+    a, b = trade(db, first, {"btc": 3}), trade(db, second, {"btc": 4})
+    together = pending_settlement(db)
+    assert settlements.finish(db, together.id, SettlementStatus.REJECTED, reason="x") is not None
+    c = trade(db, newcomer, {"btc": 5})
+
+    # The connections no rejection touched go first, among themselves.
+    clean = pending_settlement(db)
+    assert attachment(db, a, b, c) == [(None, False), (None, False), (clean.id, False)]
+    assert settlements.finish(db, clean.id, SettlementStatus.COMPLETED) is not None
+
+    # Then each rejected connection alone; one BitGo refuses again waits its next turn.
+    alone = pending_settlement(db)
+    assert attachment(db, a, b) == [(alone.id, False), (None, False)]
+    assert settlements.finish(db, alone.id, SettlementStatus.REJECTED, reason="x") is not None
+    turn = pending_settlement(db)
+    assert attachment(db, a, b) == [(None, False), (turn.id, False)]
+    assert settlements.finish(db, turn.id, SettlementStatus.COMPLETED) is not None
+    assert attachment(db, b) == [(turn.id, True)]
