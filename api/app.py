@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api import bitgo_routes, health, internal_routes, openapi
+from api import bitgo_routes, dashboard, health, internal_routes, openapi
 from api.errors import EXCEPTION_HANDLERS
 from api.observability import ObservabilityMiddleware
 from api.resources import Resources
@@ -38,6 +38,8 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(document)
 
     routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
+    # HTML for operators, not part of the API the document describes; none when it is off.
+    routes.extend(dashboard.routes(settings))
     app = Starlette(
         routes=routes,
         middleware=[Middleware(ObservabilityMiddleware)],

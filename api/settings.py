@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,13 @@ class Settings:
     http_header_timeout: float
     http_body_timeout: float
     http_max_connections: int
+    # None: the dashboard is off and its paths answer 404.
+    dashboard_token: Secret | None
+    currency_decimals: Mapping[str, int]
+    # The dashboard's read-only look at an allocation BitGo holds; unset: not shown.
+    bitgo_api_url: str
+    bitgo_access_token: Secret | None
+    bitgo_enterprise_id: str | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -58,6 +66,9 @@ class Settings:
         internal_token = reader.required("OES_INTERNAL_TOKEN")
         if len(internal_token) < 16:
             raise SettingsError("OES_INTERNAL_TOKEN must be at least 16 characters")
+        dashboard_token = reader.secret("OES_DASHBOARD_TOKEN")
+        if dashboard_token is not None and len(dashboard_token.value) < 16:
+            raise SettingsError("OES_DASHBOARD_TOKEN must be at least 16 characters when set")
         return cls(
             database_url=database_url,
             redis_url=redis_url,
@@ -82,4 +93,29 @@ class Settings:
             http_max_connections=reader.integer(
                 "OES_HTTP_MAX_CONNECTIONS", minimum=1, unit="connections"
             ),
+            dashboard_token=dashboard_token,
+            currency_decimals=currency_decimals(reader.text("OES_CURRENCY_DECIMALS")),
+            bitgo_api_url=reader.http_url("BITGO_API_URL") or "",
+            bitgo_access_token=reader.secret("BITGO_ACCESS_TOKEN"),
+            bitgo_enterprise_id=reader.optional("BITGO_ENTERPRISE_ID"),
         )
+
+
+_DECIMALS = re.compile(r"([^:,\s]+):([0-9]{1,2})")
+MAX_DECIMALS = 77  # a quantity has at most 78 digits
+
+
+def currency_decimals(raw: str) -> dict[str, int]:
+    """``btc:8,eth:18`` as {currency: decimals}; refuses anything else by the setting's name."""
+    decimals: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        match = _DECIMALS.fullmatch(item)
+        if match is None or int(match[2]) > MAX_DECIMALS or match[1] in decimals:
+            raise SettingsError(
+                "OES_CURRENCY_DECIMALS must list currency:decimals pairs (each currency once, "
+                f"0-{MAX_DECIMALS} decimals), e.g. btc:8,eth:18; not {item!r}"
+            )
+        decimals[match[1]] = int(match[2])
+    return decimals

@@ -22,6 +22,8 @@ log = structlog.get_logger(__name__)
 RELAY_LEASE = 120.0
 # task_runs rows (one per run; the relay alone runs every 15 s) are kept this long.
 RUNS_KEPT_DAYS = 14
+# Drifts kept in a reconcile's summary (for the dashboard); the log has every one.
+DRIFT_LINES_KEPT = 100
 
 
 def _converge(client: BitGoClient, record: transfers.TransferRecord) -> str:
@@ -122,4 +124,16 @@ def reconcile_balances(self: Any) -> dict[str, Any]:
             reported=None if drift.reported is None else str(drift.reported),
             line=drift.line(),
         )
-    return report(self, {"accounts": len(set(ours) | set(theirs)), "drifts": len(drifts)})
+    summary: dict[str, Any] = {"accounts": len(set(ours) | set(theirs)), "drifts": len(drifts)}
+    if drifts:
+        summary["drift_lines"] = [
+            {
+                "connection_id": d.connection_id,
+                "currency": d.currency,
+                "expected": str(d.expected),
+                "reported": None if d.reported is None else str(d.reported),
+                "line": d.line(),
+            }
+            for d in drifts[:DRIFT_LINES_KEPT]
+        ]
+    return report(self, summary)
