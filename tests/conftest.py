@@ -319,8 +319,14 @@ def live_server(
     env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """``oes-partner serve`` in its own process on a real TCP port."""
+    with serving_gateway(env, tmp_path_factory.mktemp("live") / "serve.log") as server:
+        yield server
+
+
+@contextmanager
+def serving_gateway(env: dict[str, str], log: Path) -> Iterator[LiveServer]:
+    """``oes-partner serve`` with ``env`` on a free port, until the block ends."""
     port = free_port()
-    log = tmp_path_factory.mktemp("live") / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -330,9 +336,11 @@ def live_server(
         )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, process, timeout=30, output=log.read_text)
-    yield LiveServer(url, process)
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield LiveServer(url, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session", autouse=True)

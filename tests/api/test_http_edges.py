@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,9 +19,8 @@ from tests.conftest import (
     Keys,
     Link,
     LiveServer,
-    free_port,
     row_count,
-    wait_ready,
+    serving_gateway,
 )
 
 
@@ -77,20 +73,9 @@ EDGE_ENV = {
 
 @pytest.fixture(scope="module")
 def edge(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    port = free_port()
     log = tmp_path_factory.mktemp("edge") / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env, **EDGE_ENV},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, process, timeout=30, output=log.read_text)
-    yield LiveServer(url, process)
-    process.terminate()
-    process.wait(timeout=10)
+    with serving_gateway({**env, **EDGE_ENV}, log) as server:
+        yield server
 
 
 def connect(server: LiveServer) -> socket.socket:
