@@ -44,6 +44,8 @@ class Target:
     internal_token: str
     currency: str
     token_lifetime: int
+    pid: int | None = None  # the serve process, when the script started it
+    database_url: str | None = None  # its database, likewise
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,9 @@ def local_gateway(workers: int, token_lifetime: int) -> Iterator[Target]:
                 raise SystemExit(f"gateway did not become ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
         print(f"gateway: {url} ({workers} worker(s)), database {database_url.split('?')[0]}")
-        yield Target(url, private.read_bytes(), token, "btc", token_lifetime)
+        yield Target(
+            url, private.read_bytes(), token, "btc", token_lifetime, process.pid, database_url
+        )
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
