@@ -38,7 +38,11 @@ async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """httptools, with a cap on header bytes and deadlines for headers and body."""
+    """httptools, with a cap on header bytes and deadlines for headers and body.
+
+    An answer of its own (408, 431) is written only while no request of the connection
+    is being served; otherwise the connection is closed once that answer has gone.
+    """
 
     max_header_bytes = 16 * 1024
     header_timeout = 10.0
@@ -50,8 +54,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._limit, self.limit_concurrency = self.limit_concurrency, None
         self._raw_header_bytes = 0  # bytes received while headers are awaited
         self._header_bytes = 0  # bytes of the request line and headers, as parsed
-        self._in_headers = True
+        self._awaiting_headers = True
+        self._refused = False  # answered (or to be closed) by us: parse nothing more
         self._deadline: asyncio.TimerHandle | None = None
+        self._phase: str | None = None
+
+    def _serving(self) -> bool:
+        """Whether a request of this connection is being answered, or queued to be."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -62,7 +72,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_headers:
+        if self._refused:
+            return
+        if self._awaiting_headers and not self._serving():
             # Counted before the parser buffers it, so a huge header is cut off early; the
             # allowance covers a body that arrives in the same packets as its headers.
             self._raw_header_bytes += len(data)
@@ -74,18 +86,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        self._arm(self.header_timeout, "headers")
+        self._awaiting_headers = True
+        # The deadline runs from the connection's start (or the last answer), not from the
+        # first byte; while a request is served, on_response_complete arms it.
+        if self._phase != "headers" and not self._serving():
+            self._arm(self.header_timeout, "headers")
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
+        if not self._refused:
+            self._count(len(url))
+            super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        super().on_header(name, value)
+        if not self._refused:
+            self._count(len(name) + len(value))
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_headers = False
+        if self._refused:
+            return
+        self._awaiting_headers = False
+        self._raw_header_bytes = 0
         self._arm(self.body_timeout, "body")
         if self._limit is None or (
             len(self.connections) < self._limit and len(self.tasks) < self._limit
@@ -99,11 +120,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         finally:
             self.app = app
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
-        self._in_headers = True  # what comes next is the next request's
-        self._raw_header_bytes = 0
+        self._awaiting_headers = True  # what comes next is the next request's
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._serving() and self._awaiting_headers:
+            self._arm(self.header_timeout, "headers")
 
     def _count(self, size: int) -> None:
         self._header_bytes += size
@@ -114,27 +145,40 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(seconds, self._too_slow, phase)
+        self._phase = phase
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-            self._deadline = None
+        self._deadline, self._phase = None, None
 
     def _too_slow(self, phase: str) -> None:
-        self._deadline = None
+        self._deadline, self._phase = None, None
         if self.transport.is_closing():
             return
         log.info("http_client_too_slow", phase=phase, client=self.client)
-        if self.cycle is not None and not self.cycle.response_complete and phase == "body":
-            # The app is reading this body: dropping the connection ends its wait.
+        if phase == "body":
+            # The app waits for this body, or has answered without it: drop the connection,
+            # which ends the wait; never a second answer.
             self.transport.close()
             return
+        if self._serving():
+            return  # a pipelined request's headers: on_response_complete arms the deadline
         self._refuse(408, "Request not received in time")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` with a JSON error and close, before any app has seen the request."""
+        """Answer ``status`` with a JSON error and close; parse nothing more on this connection.
+
+        While a request is being answered, that answer goes first and the connection is
+        closed after it instead.
+        """
         self._disarm()
+        self._refused = True
         if self.transport.is_closing():
+            return
+        if self._serving():
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
             return
         body = json.dumps({"error": message}).encode()
         self.transport.write(
@@ -142,7 +186,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
         self.transport.close()
-        self._in_headers = False  # the parser may still call back; answer only once
 
 
 class EnvBoundedHttpToolsProtocol(BoundedHttpToolsProtocol):

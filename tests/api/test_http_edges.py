@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
@@ -216,3 +218,52 @@ def test_a_client_gone_mid_body_is_not_a_server_error(
         time.sleep(0.2)
     time.sleep(0.3)
     assert (requests_with("500"), requests_with("499")) == (before[0], before[1] + 1)
+
+
+def route_count(server: LiveServer, route: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("oes_http_requests_total{") and f'route="{route}"' in line
+    )
+
+
+def test_a_request_refused_for_its_headers_never_reaches_the_app(edge: LiveServer) -> None:
+    before = route_count(edge, "/healthz")
+    with connect(edge) as sock:  # all of it in one packet: the parser reads on after the cap
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 431 ")
+    assert route_count(edge, "/healthz") == before
+
+
+def test_an_early_answer_is_the_only_answer_when_the_body_never_comes(edge: LiveServer) -> None:
+    with connect(edge) as sock:  # refused for its signature before its body is read
+        sock.sendall(
+            b"POST /bitgo/v1/allocations HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{}"
+        )
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_pipelined_request_s_slow_headers_never_replace_the_answer_being_served(
+    edge: LiveServer, bitgo: BitGo, link: Link, redis_url: str
+) -> None:
+    transfer_id = str(uuid.uuid4())
+    body = json.dumps(link.body("allocation", transfer_id, "5")).encode()
+    with redis.Redis.from_url(redis_url) as r:  # the id is busy for longer than the deadline
+        r.set(f"oes:lock:transfer:{transfer_id}", b"someone", px=1800)
+    with connect(edge) as sock:
+        sock.sendall(
+            b"POST /bitgo/v1/allocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-BitGo-Signature: " + bitgo.headers()["X-BitGo-Signature"].encode() + b"\r\n"
+            b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+            + b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # ... and the rest never comes
+        )
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b'"status":"reserved"' in answer
