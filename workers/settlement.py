@@ -94,35 +94,68 @@ def post_settlement(self: Any, settlement_id: str) -> dict[str, Any]:
         return report(self, _post(client, record))
 
 
+# Settlements one run may make; each ends (completed or rejected) before the next starts.
+MAX_PER_RUN = 100
+_FINAL = ("completed", "rejected", "net zero, not posted")
+
+
+def _settle_next(client: BitGoClient, refused: set[str]) -> dict[str, Any] | None:
+    """Resume the settlement in flight or start the next; its summary, None if none is due.
+
+    A settlement of only connections BitGo ``refused`` in this run is left for the next.
+    """
+    with transaction() as session:
+        record = settlements.open_or_start(session)
+    if record is None:
+        return None
+    if record.status is SettlementStatus.COMPLETED:
+        return {"settlement": record.external_id, "outcome": "net zero, not posted"}
+    if record.status is SettlementStatus.PREPARING:
+        if record.amounts and set(record.amounts) <= refused:
+            return None
+        try:
+            record = _signed(client, record)
+        except BitGoError as exc:
+            log.warning("settlement_signing_failed", error=exc.message)
+            return {
+                "settlement": record.external_id,
+                "outcome": "signing failed",
+                "error": exc.message,
+            }
+    if record.status is not SettlementStatus.PENDING:
+        return {"settlement": record.external_id, "outcome": record.status.value}
+    outcome = _post(client, record)
+    if outcome.get("outcome") == "rejected":
+        refused.update(record.amounts)
+    return outcome
+
+
 @app.task(name="workers.settlement.run_settlement", bind=True)
 def run_settlement(self: Any) -> dict[str, Any]:
-    """Settle: resume the settlement in flight, or net the unsettled trades into a new one."""
+    """Settle every unsettled trade: one settlement after another while each ends.
+
+    A rejection returns its trades to be settled one connection at a time, so the run
+    goes on with the others; what BitGo has not finished waits for its retry.
+    """
     client = bitgo()
     if client is None:
         return report(self, NOT_CONFIGURED)
     if settings().bitgo_express_url is None or settings().bitgo_wallet_id is None:
         client.close()
         return report(self, {"skipped": "BITGO_EXPRESS_URL or BITGO_WALLET_ID not set"})
-    with transaction() as session:
-        record = settlements.open_or_start(session)
-    if record is None:
-        return report(self, {"outcome": "nothing to settle"})
-    if record.status is SettlementStatus.COMPLETED:
-        return report(self, {"settlement": record.external_id, "outcome": "net zero, not posted"})
+    done: list[dict[str, Any]] = []
+    refused: set[str] = set()
     with client:
-        if record.status is SettlementStatus.PREPARING:
-            try:
-                record = _signed(client, record)
-            except BitGoError as exc:
-                log.warning("settlement_signing_failed", error=exc.message)
-                return report(
-                    self,
-                    {
-                        "settlement": record.external_id,
-                        "outcome": "signing failed",
-                        "error": exc.message,
-                    },
-                )
-        if record.status is not SettlementStatus.PENDING:
-            return report(self, {"settlement": record.external_id, "outcome": record.status.value})
-        return report(self, _post(client, record))
+        for _ in range(MAX_PER_RUN):
+            outcome = _settle_next(client, refused)
+            if outcome is None:
+                break
+            done.append(outcome)
+            if outcome["outcome"] not in _FINAL:
+                break
+    if not done:
+        return report(self, {"outcome": "nothing to settle"})
+    if len(done) == 1:
+        return report(self, done[0])
+    outcomes = ",".join(str(d["outcome"]) for d in done)
+    return report(self, {**done[-1], "settlements": len(done), "outcomes": outcomes})

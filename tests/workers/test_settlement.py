@@ -169,3 +169,38 @@ def test_a_rejected_settlement_returns_its_trades_to_the_next_one(
     assert completed["settlementAmounts"][link.connection_id] == {"eth": "9"}
     assert _settled(stack, [trade]) == [True]
     assert _settlement(stack, rejected["externalId"]).reason == "client account closed"
+
+
+@dataclass
+class RefusingOne(BitGoSettlements):
+    """BitGo refusing every settlement that names one connection, completing the others."""
+
+    refused: str = ""
+
+    def __call__(self, seen: Seen) -> tuple[int, Any]:
+        if seen.path == SETTLEMENTS and seen.method == "POST":
+            self.posted.append(seen.body)
+            amounts = json.loads(seen.body)["settlementAmounts"]
+            status = "rejected" if self.refused in amounts else "completed"
+            return 200, {"id": f"bitgo-{len(self.posted)}", "status": status}
+        return super().__call__(seen)
+
+
+def test_a_connection_bitgo_refuses_does_not_hold_up_the_others(stack: Stack) -> None:
+    bad, good = stack.bitgo.link(), stack.bitgo.link()  # the refused one's turn comes first
+    api = RefusingOne(refused=bad.connection_id)
+    stack.bitgo_api.handler = api
+    try:
+        refused = _trade(stack, bad, {"eth": "4"})
+        settled_good = _trade(stack, good, {"eth": "9"})
+        runs = len(stack.runs(RUN))
+        stack.call(RUN)
+        assert stack.wait_run(RUN, runs)["outcome"] == "rejected"  # both, netted together
+        stack.call(RUN)
+        stack.wait_run(RUN, runs + 1)
+        assert _settled(stack, [settled_good, refused]) == [True, False]
+        together, *alone = (json.loads(b)["settlementAmounts"] for b in api.posted)
+        assert set(together) == {good.connection_id, bad.connection_id}
+        assert all(len(amounts) == 1 for amounts in alone)
+    finally:
+        stack.bitgo_api.handler = lambda seen: (404, {"error": "not found"})
