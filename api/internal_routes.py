@@ -104,15 +104,18 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+_CURSOR = re.compile(r"([0-9]{1,17})_([0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})")
+
+
 def _cursor(raw: str | None) -> tuple[datetime, uuid.UUID] | None:
     """The (createdAt, id) a page ended at, from its URL-safe ``<microseconds>_<uuid>``."""
     if not raw:
         return None
-    micros, _, ident = raw.partition("_")
+    found = _CURSOR.fullmatch(raw)
     try:
-        if not re.fullmatch(r"[0-9]{1,20}", micros):
-            raise ValueError(micros)
-        return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(ident)
+        if found is None:
+            raise ValueError(raw)
+        return _EPOCH + int(found[1]) * _MICROSECOND, uuid.UUID(found[2])
     except (ValueError, OverflowError):
         raise BadRequest("cursor is malformed; pass back nextCursor as given") from None
 

@@ -28,9 +28,22 @@ def ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def text(description: str = "") -> Json:
-    """A non-empty string of at most 256 characters, as ``api.bodies.text_field`` accepts."""
-    schema: Json = {"type": "string", "minLength": 1, "maxLength": 256}
+# What str.isspace() (so str.strip()) counts as white space, spelled for any regex dialect.
+_SPACE = r"\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# At least one character that is not white space, and no NUL anywhere.
+TEXT_PATTERN = rf"^[^\u0000]*[^\u0000{_SPACE}][^\u0000]*$"
+
+
+def text(description: str = "", *, nullable: bool = False) -> Json:
+    """A string as ``api.bodies.text_field`` accepts: 1 to 256 characters, not only white
+    space, no NUL (a lone surrogate, which no pattern can name portably, is refused too);
+    ``nullable``: null is accepted and reads as absent."""
+    schema: Json = {
+        "type": ["string", "null"] if nullable else "string",
+        "minLength": 1,
+        "maxLength": 256,
+        "pattern": TEXT_PATTERN,
+    }
     return schema | {"description": description} if description else schema
 
 
@@ -40,12 +53,36 @@ def obj(properties: Json, *optional: str, **extra: Any) -> Json:
     return {"type": "object", "required": required, "properties": properties, **extra}
 
 
-def either(*pairs: tuple[str, str]) -> Json:
-    """For each pair of spellings, at least one must be present."""
-    return {"allOf": [{"anyOf": [{"required": [a]}, {"required": [b]}]} for a, b in pairs]}
+def _given(name: str) -> Json:
+    """``name`` is present and not null."""
+    return {"required": [name], "properties": {name: {"type": "string"}}}
 
 
-ALIASED = either(PARTNER_IDS[:2], PARTNER_IDS[2:])
+def aliased(properties: Json, *pairs: tuple[str, str], **extra: Any) -> Json:
+    """``obj`` of ``properties`` and partner ids with two spellings, as ``api.bodies`` reads them.
+
+    For each pair (``partners…``, ``partner…``) the first spelling that is present and not
+    null is read and must be text; the other is then never looked at, whatever it holds. So
+    one of the two must be given, and ``partner…`` is checked only when ``partners…`` is not.
+    """
+    partners: Json = {}
+    rules: list[Json] = []
+    for primary, alternate in pairs:
+        partners[primary] = text(nullable=True)
+        partners[alternate] = {
+            "description": f"Another spelling of {primary}: read (as text, null meaning absent) "
+            f"only when {primary} is absent or null, and ignored otherwise"
+        }
+        rules.append({"anyOf": [_given(primary), _given(alternate)]})
+        rules.append(
+            {"if": _given(primary), "else": {"properties": {alternate: text(nullable=True)}}}
+        )
+    spellings = [name for pair in pairs for name in pair]
+    return obj(properties | partners, *spellings, allOf=rules, **extra)
+
+
+CLIENT_IDS = (PARTNER_IDS[0], PARTNER_IDS[1])
+CONNECTION_IDS = (PARTNER_IDS[2], PARTNER_IDS[3])
 
 
 def each(schema: Json, *names: str) -> Json:
@@ -72,22 +109,39 @@ def _record(kind: Kind) -> Json:
 
 def _request(kind: Kind) -> Json:
     props = {kind.id_field: UUID, "amount": ref("AmountInput")}
-    props |= each(UUID, "clientId", "connectionId") | each(text(), *PARTNER_IDS)
+    props |= each(UUID, "clientId", "connectionId")
     note = "Either spelling of each partner id (partners… wins when both are given)"
-    return obj(props, *PARTNER_IDS, **ALIASED, description=f"{note}; at most 16 KiB.")
+    return aliased(props, CLIENT_IDS, CONNECTION_IDS, description=f"{note}; at most 16 KiB.")
 
 
 def _listed(kind: Kind) -> Json:
     return {"allOf": [ref(f"{kind.label}Record"), obj({"kind": {"const": kind.value}})]}
 
 
-POSITIVE: Json = {"type": "integer", "minimum": 1, "description": "At most 78 digits"}
+MAX_UNITS = 10**78 - 1  # 78 digits
+INTEGRAL = "A JSON integer written as one (`494`; `494.0` or `4.94e2` is refused: 400)"
+POSITIVE: Json = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_UNITS,
+    "description": f"{INTEGRAL}, at most 78 digits",
+}
+NONZERO: Json = {
+    "type": "integer",
+    "minimum": -MAX_UNITS,
+    "maximum": MAX_UNITS,
+    "not": {"const": 0},
+    "description": f"{INTEGRAL}, non-zero, at most 78 digits",
+}
 DELTA: Json = {
     "type": "string",
     "pattern": "^-?[1-9][0-9]{0,77}$",
     "description": "A non-zero signed integer in base units; negative debits available",
 }
 UNITS: Json = {"type": "string", "pattern": "^(0|[1-9][0-9]{0,77})$"}
+_HEX = "[0-9a-fA-F]"
+# A page's end as nextCursor spells it. The digits stop at 17 (year 5138): more can overflow.
+_CURSOR = rf"[0-9]{{1,17}}_{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
 QUANTITY = "A positive integer in the currency's base units: digits only, no sign, point, "
 QUANTITY += "exponent, spaces or leading zeros, at most 78 digits"
 SCHEMAS: Json = {
@@ -106,16 +160,14 @@ SCHEMAS: Json = {
     "ConnectionRequest": obj(
         each(UUID, "clientId", "connectionId")
         | {"connectionToken": text("From POST /internal/v1/connection-tokens")}
-        | {"clientWalletId": text()},
+        | {"clientWalletId": text(nullable=True)},
         "clientWalletId",
     ),
     "ConnectionResponse": obj(
         each(UUID, "clientId", "connectionId")
         | each(STR, "partnersClientId", "partnersConnectionId")
     ),
-    "ConnectionTokenRequest": obj(
-        each(text(), *PARTNER_IDS[:2]), *PARTNER_IDS[:2], **either(PARTNER_IDS[:2])
-    ),
+    "ConnectionTokenRequest": aliased({}, CLIENT_IDS),
     "ConnectionTokenResponse": obj(
         each(STR, "connectionToken", "partnersClientId") | {"expiresAt": TIME}
     ),
@@ -139,20 +191,26 @@ SCHEMAS: Json = {
                     },
                 },
             },
-            "nextCursor": {"type": ["string", "null"], "description": "null on the last page"},
+            "nextCursor": {
+                "type": ["string", "null"],
+                "pattern": f"^{_CURSOR}$",
+                "description": "`<microseconds>_<uuid>` of the page's last record when the page "
+                "is full; null on the last page",
+            },
         }
     ),
-    "TradeRequest": obj(
-        each(text(), "externalId", "partnersConnectionId")
+    "TradeRequest": aliased(
+        {"externalId": text()}
         | {
             "deltas": {
                 "type": "object",
                 "minProperties": 1,
-                "additionalProperties": {
-                    "oneOf": [DELTA, {"type": "integer", "not": {"const": 0}}]
-                },
+                "maxProperties": 64,
+                "propertyNames": text() | {"description": "A currency code"},
+                "additionalProperties": {"oneOf": [DELTA, NONZERO]},
             }
-        }
+        },
+        CONNECTION_IDS,
     ),
     "Trade": obj(
         each(STR, "externalId", "partnersConnectionId")
@@ -211,6 +269,18 @@ UNAVAILABLE = fail("PostgreSQL or Redis unreachable; nothing changed (fail close
     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
 }
 LIMIT: Json = {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}
+
+
+def or_empty(schema: Json) -> Json:
+    """A filter that an empty value turns off, as if it were absent."""
+    return {"anyOf": [schema, {"const": ""}], "description": "Empty: no filter"}
+
+
+CURSOR: Json = {
+    "type": "string",
+    "pattern": f"^({_CURSOR})?$",
+    "description": "`<microseconds since 1970>_<uuid>`, as nextCursor gives it; empty: first page",
+}
 BUSY = "or another request on the same id held its lock too long (`Request in progress`)"
 
 
@@ -285,11 +355,11 @@ def _bitgo() -> dict[Key, Json]:
 
 def _internal() -> dict[Key, Json]:
     listing = [
-        param("status", "query", ref("TransferStatus"), "Only records in this state"),
-        param("kind", "query", ref("TransferKind"), "Only this kind"),
-        param("connectionId", "query", UUID, "Only this BitGo connection"),
+        param("status", "query", or_empty(ref("TransferStatus")), "Only records in this state"),
+        param("kind", "query", or_empty(ref("TransferKind")), "Only this kind"),
+        param("connectionId", "query", or_empty(UUID), "Only this BitGo connection"),
         param("limit", "query", LIMIT, "Page size"),
-        param("cursor", "query", STR, "Previous page's nextCursor, URL-encoded (holds a `+`)"),
+        param("cursor", "query", CURSOR, "The previous page's nextCursor, unchanged"),
     ]
     ops = {
         ("POST", "/internal/v1/connection-tokens"): op(

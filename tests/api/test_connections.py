@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import connections
@@ -172,3 +173,21 @@ def test_transfer_listing_filters_and_pages_newest_first(bitgo: BitGo) -> None:
         "/internal/v1/transfers", params={"status": "lost"}, headers=bitgo.internal()
     )
     assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        f"1_{uuid.UUID(int=7).hex}",  # not hyphenated
+        f"1_{{{uuid.UUID(int=7)}}}",  # braces
+        f"123456789012345678_{uuid.UUID(int=7)}",  # 18 digits
+        f"x_{uuid.UUID(int=7)}",
+        "1_",
+    ],
+)
+def test_a_cursor_not_as_nextcursor_gives_it_is_refused(bitgo: BitGo, cursor: str) -> None:
+    answer = bitgo.http.get(
+        "/internal/v1/transfers", params={"cursor": cursor}, headers=bitgo.internal()
+    )
+    assert answer.status_code == 400
+    assert answer.json() == {"error": "cursor is malformed; pass back nextCursor as given"}
