@@ -344,6 +344,7 @@ def test_the_reconcile_s_drifts_and_the_task_runs_are_shown(
             )
             > before
         ),
+        timeout=60,
         what="the reconcile to run",
     )
     operator.log_in()
