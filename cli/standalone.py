@@ -97,8 +97,7 @@ def _stop_servers(servers: list[Owned]) -> None:
 def _internal_token(data_dir: Path) -> str:
     path = data_dir / "internal-token"
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(24))
-        path.chmod(0o600)
+        _write_private(path, secrets.token_urlsafe(24))
     return path.read_text().strip()
 
 
@@ -146,12 +145,22 @@ _SANDBOX = (
 )
 
 
+def _write_private(path: Path, content: str) -> None:
+    """Write a secret readable by us alone from its first byte (not chmod-ed after)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()  # left by a crash, perhaps with another mode
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(content)
+    partial.replace(path)
+
+
 def _write_env(data_dir: Path, env: dict[str, str]) -> Path:
     """The settings the command line needs to reach these servers: ``set -a; . <file>``."""
     path = data_dir / "env"
     names = [n for n in (*_SHARED, *_SANDBOX) if env.get(n)]
-    path.write_text("".join(f"{name}={shlex.quote(env[name])}\n" for name in names))
-    path.chmod(0o600)
+    _write_private(path, "".join(f"{name}={shlex.quote(env[name])}\n" for name in names))
     return path
 
 

@@ -153,6 +153,9 @@ outbox = Table(
         "next_attempt_at",
         postgresql_where=text("status = 'pending'"),
     ),
+    # The newest events and the dead letters, for the dashboard and `outbox list`.
+    Index("ix_outbox_created_at", "created_at"),
+    Index("ix_outbox_dead", "created_at", postgresql_where=text("status = 'dead'")),
 )
 
 trades = Table(

@@ -228,6 +228,10 @@ def test_standalone_creates_a_dev_key_and_token(standalone: Standalone) -> None:
     assert (data / "bitgo-dev-private.pem").exists()
     assert (data / "bitgo-dev-public.pem").exists()
     assert len((data / "internal-token").read_text().strip()) >= 16
+    # Secrets are ours alone, and were from their first byte (no copies left beside them).
+    for secret in ("internal-token", "env", "bitgo-dev-private.pem"):
+        assert (data / secret).stat().st_mode & 0o777 == 0o600, secret
+    assert not list(data.glob(".internal-token.*")) + list(data.glob(".env.*"))
 
 
 def test_standalone_takes_an_allocation_end_to_end(
