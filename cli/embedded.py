@@ -137,8 +137,19 @@ def _stop_postgres(server: Any, pid: int) -> None:
             timeout=15,
             check=True,
         )
-    if _alive(pid):  # pg_ctl failed or timed out: an immediate shutdown, then the hard way
+    # pg_ctl failed or timed out: an immediate shutdown, then the hard way; but only while
+    # the data directory still names that pid, so a reused pid is never signalled.
+    if _alive(pid) and _postmaster_pid(Path(server.pgdata)) == pid:
         _end(pid, signal.SIGQUIT, within=3.0)
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    """The pid PostgreSQL recorded for the server running on ``pgdata``, if any."""
+    try:
+        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
 
 
 def _end(pid: int, sig: int, *, within: float) -> None:

@@ -22,6 +22,7 @@ BACKOFF = 1.0  # seconds before the first restart of a child that died
 BACKOFF_MAX = 30.0  # the longest wait between restarts of a child that keeps dying
 STABLE_AFTER = 30.0  # a child that ran this long starts its back-off afresh when it dies
 POLL = 0.1
+START_WITHIN = 120.0  # seconds every child has to become ready
 
 # Runs each child: asks the kernel for SIGTERM should we die (Linux), then becomes the
 # child's command, ``python -m …``. Arguments: our pid, then the module and its arguments.
@@ -195,13 +196,24 @@ def stop_children(children: list[Child], signals: Signals) -> None:
         time.sleep(0.02)
 
 
-def start_up(children: list[Child], env: dict[str, str], signals: Signals) -> int | None:
+def start_up(
+    children: list[Child], env: dict[str, str], signals: Signals, *, within: float = START_WITHIN
+) -> int | None:
     """Start the children and wait until each is ready; an exit code if that failed."""
     for child in children:
         child.start(env)
     waiting = list(children)
+    deadline = time.monotonic() + within
     while waiting:
         signals.check()
+        if time.monotonic() > deadline:
+            names = ", ".join(child.name for child in waiting)
+            say(
+                f"oes-partner standalone: {names} not ready after {within:g} s; "
+                "stopping everything",
+                error=True,
+            )
+            return 1
         for child in list(waiting):
             if (code := child.exited()) is not None:
                 say(

@@ -481,3 +481,20 @@ def test_the_data_directory_is_held_by_one_process(tmp_path: Path) -> None:
     finally:
         _unlock(held)
     _unlock(_lock(tmp_path))  # free again
+
+
+def test_a_child_that_never_becomes_ready_stops_the_start_in_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cli.supervisor import Signals, start_up, stop_children
+
+    stuck = Child("the stuck one", ["http.server", "--bind", "127.0.0.1", "0"], lambda: False, 1)
+    signals = Signals()
+    started = time.monotonic()
+    try:
+        assert start_up([stuck], dict(os.environ), signals, within=1.0) == 1
+    finally:
+        stop_children([stuck], signals)
+    assert time.monotonic() - started < 5
+    assert "the stuck one not ready after 1 s; stopping everything" in capsys.readouterr().err
+    assert not stuck.running()
