@@ -124,4 +124,9 @@ def test_a_delivery_meeting_the_database_down_is_retried_until_it_is_back(
         )
     finally:
         tasks.close()
-    assert stack.outbox("test.database_down", subject)[0].status == "delivered"
+    # The platform has it; the worker records so once its POST has returned.
+    eventually(
+        lambda: stack.outbox("test.database_down", subject)[0].status == "delivered",
+        timeout=30,
+        what="the event to be recorded delivered",
+    )
