@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 def _publish(event_ids: list[uuid.UUID]) -> None:
     """Queue deliveries of what a command's transaction wrote; without REDIS_URL the relay will."""
-    from workers.publish import publish, publisher
+    from workers.publish import BATCH, publish, publisher
 
     redis_url = settings.redis_url()
     if redis_url is None:
@@ -27,7 +27,11 @@ def _publish(event_ids: list[uuid.UUID]) -> None:
         return
     app = publisher(redis_url)
     try:
-        publish(app, event_ids)
+        with tables.progress("queueing deliveries", len(event_ids)) as bar:
+            for start in range(0, len(event_ids), BATCH):
+                chunk = event_ids[start : start + BATCH]
+                publish(app, chunk)
+                bar.advance(bar.task_ids[0], len(chunk))
     finally:
         app.close()
 

@@ -322,3 +322,39 @@ def test_help_is_plain_text_with_defaults(
     assert "``" not in text
     if command in (["serve"], ["standalone"]):
         assert "(default: " in text
+
+
+def test_outbox_redrive_revives_dead_letters_and_queues_them_after_commit(
+    worker_env: None,
+    redis_url: str,
+    sessions: sessionmaker[Session],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import redis
+
+    ids = [uuid.uuid4() for _ in range(3)]
+    with sessions.begin() as session:
+        for ident in ids:
+            session.execute(
+                text(
+                    "INSERT INTO outbox (id, topic, payload, status, attempts, last_error)"
+                    " VALUES (:id, 'test.dead', '{}', 'dead', 15, 'HTTP 400')"
+                ),
+                {"id": ident},
+            )
+    with redis.Redis.from_url(redis_url) as broker:
+        queued = broker.llen("hooks")
+        assert main(["outbox", "redrive", *map(str, ids)]) == 0
+        assert broker.llen("hooks") == queued + 1  # one message carries the batch
+    assert "re-driven 3 dead letter(s)" in capsys.readouterr().out
+    with sessions() as session:
+        found = session.execute(
+            text("SELECT status FROM outbox WHERE id = ANY(:ids)"), {"ids": ids}
+        )
+        statuses = {row.status for row in found}
+    assert statuses == {"pending"}
+    with sessions.begin() as session:  # no worker here: leave nothing for a later test
+        session.execute(
+            text("UPDATE outbox SET status = 'delivered_locally' WHERE id = ANY(:ids)"),
+            {"ids": ids},
+        )
